@@ -1,0 +1,1 @@
+"""Fully fine-tune Stable Diffusion XL on posters: the library behind the DVC stages."""

@@ -1,0 +1,158 @@
+"""Content-addressed image store: images live once, in tar shards, keyed by sha256.
+
+A store is a folder of ``shard-NNNNN.tar`` files whose members are named by the
+sha256 of their bytes. A shard is written under a hidden temporary name and renamed
+when closed, so a killed writer leaves only complete shards behind (the next run
+deletes the leftover partial file and fetches its images again). DVC tracks a few
+dozen shard files instead of hundreds of thousands of loose images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from postertune.errors import PipelineError
+
+SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.tar$")
+PARTIAL_SUFFIX = ".partial"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Location:
+    shard: str
+    offset: int
+    length: int
+
+
+class ShardStore:
+    """Read side: ``store.read(sha)`` returns the bytes of one stored image."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self._index: dict[str, Location] | None = None
+        self._files: dict[str, int] = {}
+
+    def shard_paths(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if SHARD_PATTERN.match(p.name))
+
+    @property
+    def index(self) -> dict[str, Location]:
+        if self._index is None:
+            index: dict[str, Location] = {}
+            for path in self.shard_paths():
+                try:
+                    with tarfile.open(path, "r:") as tar:
+                        for member in tar:
+                            if member.isfile():
+                                index.setdefault(member.name, Location(path.name, member.offset_data, member.size))
+                except tarfile.TarError as exc:
+                    raise PipelineError(f"{path}: damaged shard ({exc})") from None
+            self._index = index
+        return self._index
+
+    def __contains__(self, sha: str) -> bool:
+        return sha in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def read(self, sha: str) -> bytes:
+        try:
+            loc = self.index[sha]
+        except KeyError:
+            raise PipelineError(f"{self.root}: no image with sha256 {sha}") from None
+        fd = self._files.get(loc.shard)
+        if fd is None:
+            fd = self._files[loc.shard] = os.open(self.root / loc.shard, os.O_RDONLY)
+        return os.pread(fd, loc.length, loc.offset)
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def __enter__(self) -> "ShardStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:  # picklable for data-loader workers: fds are per process
+        return {"root": self.root, "_index": self._index, "_files": {}}
+
+
+class ShardWriter:
+    """Append images to the store; a shard is closed after ``max_images`` images,
+    ``max_bytes`` bytes or ``max_seconds`` seconds, whichever comes first, so a killed
+    run loses at most one open shard's worth of work."""
+
+    def __init__(self, root: Path | str, max_images: int = 4096, max_bytes: int = 1 << 30, max_seconds: float = 30.0):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(f".shard-*{PARTIAL_SUFFIX}"):
+            leftover.unlink()
+        self.max_images, self.max_bytes, self.max_seconds = max_images, max_bytes, max_seconds
+        existing = [int(m.group(1)) for p in self.root.iterdir() if (m := SHARD_PATTERN.match(p.name))]
+        self._next = max(existing, default=-1) + 1
+        self._tar: tarfile.TarFile | None = None
+        self._count = self._bytes = 0
+        self._opened = 0.0
+        self.written: set[str] = set()
+
+    def _partial(self) -> Path:
+        return self.root / f".shard-{self._next:05d}.tar{PARTIAL_SUFFIX}"
+
+    def add(self, sha: str, data: bytes) -> None:
+        if sha in self.written:
+            return
+        if self._tar is None:
+            self._tar = tarfile.open(self._partial(), "w:", format=tarfile.USTAR_FORMAT)
+            self._count = self._bytes = 0
+            self._opened = time.monotonic()
+        info = tarfile.TarInfo(sha)
+        info.size = len(data)
+        info.mode = 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+        self.written.add(sha)
+        self._count += 1
+        self._bytes += len(data)
+        if (
+            self._count >= self.max_images
+            or self._bytes >= self.max_bytes
+            or time.monotonic() - self._opened >= self.max_seconds
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        """Close the open shard and publish it under its final name."""
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._tar = None
+        partial = self._partial()
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, self.root / f"shard-{self._next:05d}.tar")
+        self._next += 1
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
