@@ -1,0 +1,130 @@
+"""The DVC workflow end to end on the demo profile: repro, S3 remote, experiments, PR report.
+
+One reproduced copy of the project is shared by the tests of this module; each test that
+changes things works in its own git clone that borrows the reproduced copy's DVC cache.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from tests.pipeline_repo import PipelineRepo, tool_env
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["fetch", "dedupe", "filter", "caption", "train", "sample", "evaluate"]
+LR_KEY = "train.learning_rate"
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory) -> PipelineRepo:
+    repo = PipelineRepo.copy_of_project(tmp_path_factory.mktemp("pipeline"))
+    repo.dvc("repro")
+    repo.commit_all("reproduce the demo pipeline")
+    return repo
+
+
+def clone_with_shared_cache(source: PipelineRepo, dest: Path) -> PipelineRepo:
+    source.run("git", "clone", "-q", str(source.root), str(dest))
+    clone = PipelineRepo(dest, source.env)
+    clone.dvc("cache", "dir", "--local", str(source.root / ".dvc" / "cache"))
+    clone.dvc("checkout")
+    return clone
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_repro_writes_every_stage_metrics_and_second_repro_does_nothing(reproduced):
+    for stage in ["fetch", "dedupe", "filter", "caption", "train", "evaluate"]:
+        metrics = json.loads((reproduced.root / "metrics" / f"{stage}.json").read_text())
+        assert metrics, stage
+    again = reproduced.dvc("repro")
+    assert "Data and pipelines are up to date" in again.stdout
+    assert "Running stage" not in again.stdout
+    status = reproduced.dvc("status")
+    assert "Data and pipelines are up to date" in status.stdout
+
+
+def test_push_to_s3_then_fresh_clone_pulls_clean(reproduced, tmp_path):
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        creds = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="posters")
+        reproduced.env.update(creds)
+        reproduced.dvc("remote", "add", "-d", "storage", "s3://posters/dvc")
+        reproduced.dvc("remote", "modify", "storage", "endpointurl", endpoint)
+        reproduced.commit_all("configure the S3 remote")
+        reproduced.dvc("push")
+
+        reproduced.run("git", "clone", "-q", str(reproduced.root), str(tmp_path / "fresh"))
+        fresh = PipelineRepo(tmp_path / "fresh", tool_env(**creds))
+        assert not (fresh.root / "data" / "raw" / "images.parquet").exists()
+        fresh.dvc("pull")
+        assert (fresh.root / "models" / "unet").is_dir()
+        status = fresh.dvc("status")
+        assert "Data and pipelines are up to date" in status.stdout, status.stdout
+        again = fresh.dvc("repro")
+        assert "Running stage" not in again.stdout, again.stdout
+    finally:
+        server.stop()
+
+
+def test_experiments_single_and_queued_sweep_show_metric_diffs(reproduced, tmp_path):
+    repo = clone_with_shared_cache(reproduced, tmp_path / "exp")
+    repo.dvc("exp", "run", "-n", "lr-high", "-S", f"{LR_KEY}=0.001")
+    for name, lr in [("lr-a", "0.0003"), ("lr-b", "0.00003")]:
+        repo.dvc("exp", "run", "--queue", "-n", name, "-S", f"{LR_KEY}={lr}")
+    repo.dvc("queue", "start", "-j", "1")
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = repo.dvc("queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    else:
+        pytest.fail(f"queued experiments did not finish:\n{status}")
+    assert "Failed" not in status, repo.dvc("queue", "logs", "lr-a", check=False).stdout
+
+    shown = json.loads(repo.dvc("exp", "show", "--json").stdout)
+    names = {exp.get("name") for rev in shown for exp in (rev.get("experiments") or [])}
+    assert {"lr-high", "lr-a", "lr-b"} <= names, names
+
+    diff = json.loads(repo.dvc("metrics", "diff", "lr-a", "lr-b", "--json").stdout)
+    evaluate = diff.get("metrics/evaluate.json", {})
+    assert evaluate, diff
+    assert any(v.get("diff") not in (0, None) for v in evaluate.values()), evaluate
+    table = repo.dvc("exp", "show", "--md").stdout
+    assert "lr-a" in table and "lr-b" in table
+
+
+def test_pr_report_against_base_commit(reproduced, tmp_path):
+    repo = clone_with_shared_cache(reproduced, tmp_path / "pr")
+    base = repo.run("git", "rev-parse", "HEAD").stdout.strip()
+    repo.dvc("exp", "run", "-S", f"{LR_KEY}=0.002")
+    repo.commit_all("raise the learning rate")
+
+    repo.run("bash", "scripts/pr_report.sh", base, "pr-report")
+    report = (repo.root / "pr-report" / "report.md").read_text()
+    assert "## Metrics" in report and "metrics/evaluate.json" in report
+    assert LR_KEY.split(".")[-1] in report
+    grids = list((repo.root / "pr-report" / "grids").glob("*.png"))
+    assert grids and all(f"grids/{g.name}" in report for g in grids)
+    specs = list((repo.root / "pr-report" / "vega").glob("*.json"))
+    assert specs, report
+    spec = json.loads(specs[0].read_text())
+    assert "$schema" in spec and "vega-lite" in spec["$schema"]
