@@ -17,7 +17,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from postertune.models.tokenizer import write_clip_tokenizer
 
-TEXT_WIDTH = 32  # each text encoder's hidden size; the U-Net sees 2 × this
+# Hidden sizes of the two text encoders; the U-Net sees their sum. They differ, as in SDXL
+# (768 and 1280): diffusers' single-file loader tells the encoders apart by width.
+TEXT_WIDTH = 32
+TEXT_WIDTH_2 = 48
 POOLED_WIDTH = 32
 TIME_EMBED_WIDTH = 8
 
@@ -46,7 +49,7 @@ def tiny_unet_config() -> dict:
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 4, 4),
         norm_num_groups=32,
-        cross_attention_dim=2 * TEXT_WIDTH,
+        cross_attention_dim=TEXT_WIDTH + TEXT_WIDTH_2,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED_WIDTH,
@@ -70,11 +73,11 @@ def tiny_vae_config() -> dict:
     )
 
 
-def tiny_text_config(hidden_act: str) -> CLIPTextConfig:
+def tiny_text_config(hidden_act: str, width: int) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=49408,
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=2 * TEXT_WIDTH,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=3,
         num_attention_heads=2,
         max_position_embeddings=77,
@@ -92,8 +95,8 @@ def build_tiny_pipeline(seed: int = 0, tokenizer_dir: Path | None = None) -> Sta
     unet = UNet2DConditionModel(**tiny_unet_config())
     vae = AutoencoderKL(**tiny_vae_config())
     # SDXL: CLIP ViT-L uses quick_gelu, OpenCLIP bigG uses gelu and has a projection.
-    text_encoder = CLIPTextModel(tiny_text_config("quick_gelu"))
-    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config("gelu"))
+    text_encoder = CLIPTextModel(tiny_text_config("quick_gelu", TEXT_WIDTH))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config("gelu", TEXT_WIDTH_2))
     if tokenizer_dir is None:
         import tempfile
 
