@@ -1,0 +1,98 @@
+"""Typed ``fetch:`` params: the sources to read and the limits every download obeys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from postertune.params import ParamError
+
+FETCHABLE_SCHEMES = ("http", "https", "file")
+IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"]
+# Table columns the stage itself writes; a metadata column may not take one of these names.
+RESERVED_COLUMNS = {"sha256", "source", "url", "row", "width", "height", "format", "dpi", "bytes", "status", "reason"}
+
+
+@dataclass(frozen=True)
+class SourceParams:
+    """One poster source.
+
+    ``table``: a CSV, JSON (records or ``.jsonl``) or Parquet file whose ``url_column`` holds
+    a URL, or a path that ``url_prefix`` turns into one (TMDB ``poster_path``).
+    ``folder`` / ``archive``: images in a local folder or a zip/tar file (datasets that need
+    a manual download); files whose suffix is not in ``extensions`` are left out.
+    ``metadata_columns`` maps the image table's column names to the source's own.
+    """
+
+    name: str
+    kind: Literal["table", "folder", "archive"]
+    path: Path
+    url_column: str | None = None
+    url_prefix: str = ""
+    metadata_columns: dict[str, str] = field(default_factory=dict)
+    extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+
+    def __post_init__(self) -> None:
+        where = f"fetch.sources[{self.name}]"
+        if not self.name.strip():
+            raise ParamError(f"{where}.name", "must not be empty")
+        if self.kind == "table" and not self.url_column:
+            raise ParamError(f"{where}.url_column", "required for a table source")
+        if self.kind != "table":
+            for key in ("url_column", "url_prefix", "metadata_columns"):
+                if getattr(self, key):
+                    raise ParamError(f"{where}.{key}", f"only a table source has it, this one is a {self.kind}")
+        clash = sorted(set(self.metadata_columns) & RESERVED_COLUMNS)
+        if clash:
+            raise ParamError(f"{where}.metadata_columns.{clash[0]}", "is a column the stage writes itself")
+        if not self.extensions:
+            raise ParamError(f"{where}.extensions", "must list at least one file suffix")
+
+
+@dataclass(frozen=True)
+class FetchParams:
+    sources: list[SourceParams]
+    allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
+    user_agent: str = "postertune/0.1 (poster dataset builder)"
+    max_connections: int = 32
+    max_connections_per_host: int = 8
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0  # longest silence while reading a response
+    request_timeout_s: float = 60.0  # deadline for one whole attempt: cuts a slow-drip body off
+    retries: int = 3
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    retry_after_max_s: float = 60.0
+    max_redirects: int = 5
+    max_bytes: int = 20_000_000
+    max_pixels: int = 50_000_000
+    decode_workers: int = 2
+    shard_max_images: int = 2048
+    shard_max_bytes: int = 512_000_000
+    shard_max_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ParamError("fetch.sources", "declare at least one source")
+        names = [s.name for s in self.sources]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate is not None:
+            raise ParamError("fetch.sources", f"source name {duplicate!r} is used twice")
+        unknown = sorted(set(self.allowed_schemes) - set(FETCHABLE_SCHEMES))
+        if unknown:
+            raise ParamError(
+                "fetch.allowed_schemes",
+                f"{unknown[0]!r} cannot be fetched (choose from {', '.join(FETCHABLE_SCHEMES)})",
+            )
+        if not self.user_agent.strip():
+            raise ParamError("fetch.user_agent", "must not be empty")
+        positive = ["max_connections", "max_connections_per_host", "max_bytes", "max_pixels", "decode_workers"]
+        positive += ["shard_max_images", "shard_max_bytes", "connect_timeout_s", "read_timeout_s", "request_timeout_s"]
+        positive += ["shard_max_seconds"]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ParamError(f"fetch.{key}", f"must be positive, got {getattr(self, key)}")
+        for key in ["retries", "backoff_base_s", "backoff_max_s", "retry_after_max_s", "max_redirects"]:
+            if getattr(self, key) < 0:
+                raise ParamError(f"fetch.{key}", f"must not be negative, got {getattr(self, key)}")

@@ -1,0 +1,93 @@
+"""The fetch stage's work: sources in, ``images.parquet`` and the shard store out.
+
+Every source is read (and every param checked) before the first request. URLs already
+in the journal are not fetched again; each distinct URL is fetched once however many
+rows name it. The table has one row per source row, in source order then row order, so
+a run that was killed and resumed writes the same table as one that was not.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from postertune.atomic import write_parquet
+from postertune.fetch.engine import Outcome, run_fetch_engine
+from postertune.fetch.journal import load_journal
+from postertune.fetch.params import FetchParams
+from postertune.fetch.sources import Entry, read_source
+from postertune.fetch.urls import UrlRejected, check_url
+from postertune.store import ShardStore
+
+IMAGE_COLUMNS = ["width", "height", "format", "dpi", "bytes", "status", "reason"]
+DTYPES = {"row": "int64", "width": "Int64", "height": "Int64", "dpi": "float64", "bytes": "Int64"}
+
+
+def run_fetch(params: FetchParams, shards: Path, table_path: Path) -> dict:
+    """Fetch every source of ``params``; write the table; return the stage metrics."""
+    read = [(source, read_source(source)) for source in params.sources]
+    entries = [entry for _, rows in read for entry in rows.entries]
+
+    stored = set(ShardStore(shards).index)
+    journal = load_journal(shards, stored)
+    known: dict[str, Outcome] = {}
+    to_fetch: dict[str, None] = {}  # insertion-ordered set
+    reused = 0
+    for url in dict.fromkeys(e.url for e in entries if e.rejected is None):
+        try:
+            check_url(url, params.allowed_schemes)
+        except UrlRejected as exc:
+            known[url] = Outcome(url, reason=exc.reason)
+            continue
+        if url in journal:
+            known[url] = Outcome(url, journal[url])
+            reused += 1
+        else:
+            to_fetch[url] = None
+
+    run = run_fetch_engine(list(to_fetch), params, shards, journal, stored)
+    known.update(run.outcomes)
+    metadata_names = list(dict.fromkeys(name for source, _ in read for name in source.metadata_columns))
+    table = build_table(entries, known, metadata_names)
+    write_parquet(table_path, table)
+    return fetch_metrics(table, read, run.requests, len(to_fetch), reused, run.seconds)
+
+
+def build_table(entries: list[Entry], outcomes: dict[str, Outcome], metadata_names: list[str]) -> pd.DataFrame:
+    records = []
+    for entry in entries:
+        outcome = Outcome(entry.url, reason=entry.rejected) if entry.rejected else outcomes[entry.url]
+        image = outcome.image
+        record = {"sha256": image.sha256 if image else None, "source": entry.source, "url": entry.url, "row": entry.row}
+        record.update({name: entry.metadata.get(name) for name in metadata_names})
+        if image is not None:
+            record.update(width=image.width, height=image.height, format=image.format, dpi=image.dpi, bytes=image.bytes)
+        else:
+            record.update(width=None, height=None, format=None, dpi=None, bytes=None)
+        record.update(status="failed" if image is None else "ok", reason=outcome.reason)
+        records.append(record)
+    columns = ["sha256", "source", "url", "row", *metadata_names, *IMAGE_COLUMNS]
+    return pd.DataFrame.from_records(records, columns=columns).astype(DTYPES)
+
+
+def fetch_metrics(table: pd.DataFrame, read: list, requests: int, fetched: int, reused: int, seconds: float) -> dict:
+    ok = table[table["status"] == "ok"]
+    distinct = ok.drop_duplicates("sha256")
+    return {
+        "rows": len(table),
+        "skipped_empty_url": sum(rows.skipped_empty_url for _, rows in read),
+        "status": {"ok": len(ok), "failed": len(table) - len(ok)},
+        "reason": dict(sorted(Counter(table["reason"].dropna()).items())),
+        "source_ok": {source.name: int((ok["source"] == source.name).sum()) for source, _ in read},
+        "distinct_images": len(distinct),
+        "bytes": int(distinct["bytes"].sum()),
+        "run": {
+            "urls_fetched": fetched,
+            "urls_reused": reused,
+            "requests": requests,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(fetched / seconds, 1) if seconds > 0 else 0.0,
+        },
+    }
