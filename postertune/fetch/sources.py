@@ -65,8 +65,8 @@ def _read_table(source: SourceParams) -> SourceRows:
             )
     entries: list[Entry] = []
     skipped = 0
-    cells = frame[source.url_column].map(_text).tolist()
-    metadata = {name: frame[column].map(_text).tolist() for name, column in source.metadata_columns.items()}
+    cells = [_text(v) for v in frame[source.url_column].tolist()]
+    metadata = {name: [_text(v) for v in frame[col].tolist()] for name, col in source.metadata_columns.items()}
     for row, cell in enumerate(cells):
         value = (cell or "").strip()
         if not value:
