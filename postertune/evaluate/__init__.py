@@ -1,0 +1,1 @@
+"""Score the sampled images (CLIP score, LAION aesthetic score, CMMD) and compare models."""

@@ -1,0 +1,104 @@
+"""CLIP image and text embeddings with open_clip, L2-normalised."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import torch
+from PIL import Image
+
+from postertune.evaluate.params import TINY_CLIP, EvaluateParams
+from postertune.params import ParamError
+
+TINY_ARCHITECTURE = "ViT-L-14"
+TINY_OVERRIDES = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16, head_width=32),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+)
+
+
+@dataclass
+class ClipEncoder:
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]  # truncates to the 77-token context
+    device: str
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[1])
+
+    @torch.no_grad()
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        batch = torch.stack([self.preprocess(img) for img in images]).to(self.device)
+        return _normalised(self.model.encode_image(batch))
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return _normalised(self.model.encode_text(self.tokenizer(texts).to(self.device)))
+
+
+def _normalised(features: torch.Tensor) -> np.ndarray:
+    features = features.float()
+    return (features / features.norm(dim=-1, keepdim=True)).cpu().numpy()
+
+
+def clip_scores(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of normalised embeddings: the CLIP score (torchmetrics reports ×100)."""
+    return np.einsum("ij,ij->i", image_embeddings, text_embeddings)
+
+
+def _open_clip(params: EvaluateParams) -> ModuleType:
+    if params.weights_path is not None or params.clip_model == TINY_CLIP:
+        # huggingface_hub reads this once, on import: nothing here may reach the hub.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import open_clip
+
+    return open_clip
+
+
+def check_weights(params: EvaluateParams) -> None:
+    """The CLIP weights and the aesthetic head named in params exist, before anything loads."""
+    local = params.weights_path
+    if local is not None and not local.exists():
+        raise ParamError("evaluate.clip_weights", f"{local} does not exist")
+    if params.aesthetic_head is not None and not params.aesthetic_head.is_file():
+        raise ParamError("evaluate.aesthetic_head", f"{params.aesthetic_head} does not exist")
+    if local is None and params.clip_model != TINY_CLIP:
+        tags = _open_clip(params).list_pretrained_tags_by_model(params.clip_model)
+        if params.clip_weights not in tags:
+            raise ParamError(
+                "evaluate.clip_weights",
+                f"{params.clip_weights!r} is no file or folder here, nor a pretrained tag of {params.clip_model}"
+                f" ({', '.join(tags) or 'none'})",
+            )
+
+
+def load_clip(params: EvaluateParams, device: str) -> ClipEncoder:
+    """An open_clip folder (``open_clip_config.json`` + weights), the tiny model (random or
+    from a weights file), or a named model with a pretrained tag or weights file."""
+    open_clip = _open_clip(params)
+    local = params.weights_path
+    if local is not None and local.is_dir():
+        name = f"local-dir:{local}"
+        model, _, preprocess = open_clip.create_model_and_transforms(name)
+        tokenizer = open_clip.get_tokenizer(name)
+    elif params.clip_model == TINY_CLIP:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(params.seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                TINY_ARCHITECTURE, pretrained=str(local) if local else None, **TINY_OVERRIDES
+            )
+        tokenizer = open_clip.get_tokenizer(TINY_ARCHITECTURE)
+    else:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            params.clip_model, pretrained=str(local) if local else params.clip_weights
+        )
+        tokenizer = open_clip.get_tokenizer(params.clip_model)
+    model.eval().to(device)
+    return ClipEncoder(model, preprocess, tokenizer, device)

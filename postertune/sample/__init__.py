@@ -1,0 +1,1 @@
+"""Render the same (prompt, seed) pairs with every model under comparison, incrementally."""

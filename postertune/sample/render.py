@@ -1,0 +1,201 @@
+"""Plan every (model, prompt, seed) image, render only those not already on disk.
+
+An image is identified by a key over the model's content hash, the prompt, the negative
+prompt, the seed and the render settings. A rerun keeps every image whose key and bytes
+still match the manifest and renders the rest; the manifest is rewritten (atomically)
+after every image, so a killed run loses at most the image in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image, PngImagePlugin
+from tqdm import tqdm
+
+from postertune.atomic import write_bytes
+from postertune.imagesafe import load_image
+from postertune.models.tokenizer import clip_tokenizer
+from postertune.sample.grid import make_grid
+from postertune.sample.manifest import file_sha256, read_manifest, write_manifest
+from postertune.sample.models import load_model
+from postertune.sample.params import SampleParams
+from postertune.sample.prompts import Prompt, combine_negative
+from postertune.sample.schedulers import make_scheduler
+
+IMAGES_DIR = "images"
+GRIDS_DIR = "grids"
+
+
+def short_hash(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    model_hash: str
+    prompt: Prompt
+    negative_prompt: str
+    seed: int
+    settings_hash: str
+
+    @property
+    def key(self) -> str:
+        return short_hash([self.model_hash, self.prompt.prompt, self.negative_prompt, self.seed, self.settings_hash])
+
+    @property
+    def path(self) -> str:
+        return f"{IMAGES_DIR}/{self.model}/{self.prompt.id}/seed-{self.seed}.png"
+
+    def row(self, sha256: str) -> dict[str, str]:
+        return dict(
+            model=self.model,
+            prompt_id=self.prompt.id,
+            category=self.prompt.category,
+            prompt=self.prompt.prompt,
+            negative_prompt=self.negative_prompt,
+            seed=str(self.seed),
+            path=self.path,
+            settings_hash=self.settings_hash,
+            model_hash=self.model_hash,
+            key=self.key,
+            sha256=sha256,
+        )
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    rendered: int
+    reused: int
+    seconds: float
+
+
+def plan_jobs(
+    params: SampleParams, model_hashes: dict[str, str], prompts: list[Prompt], presets: dict[str, str]
+) -> list[Job]:
+    """Every model gets the same (prompt, seed) pairs."""
+    settings_hash = short_hash(params.settings)
+    jobs = []
+    for model in params.models:
+        for prompt in prompts:
+            negative = combine_negative(prompt.negative_presets or params.negative, presets, params.negative_text)
+            for seed in params.seeds:
+                jobs.append(Job(model.name, model_hashes[model.name], prompt, negative, seed, settings_hash))
+    return jobs
+
+
+def truncation_warnings(jobs: list[Job]) -> list[str]:
+    """Texts the text encoders will cut at their 77-token context (combined presets often are)."""
+    tokenizer = clip_tokenizer()
+    texts = {}
+    for job in jobs:
+        texts.setdefault(("prompt", job.prompt.id), job.prompt.prompt)
+        texts.setdefault(("negative prompt", job.prompt.id), job.negative_prompt)
+    warnings = []
+    for (kind, prompt_id), text in texts.items():
+        count = len(tokenizer(text).input_ids)
+        if count > tokenizer.model_max_length:
+            warnings.append(
+                f"{kind} of {prompt_id} is {count} tokens; only the first {tokenizer.model_max_length} count"
+            )
+    return warnings
+
+
+def _png(image: Image.Image, job: Job) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for key, value in job.row("").items():
+        if key != "sha256":
+            info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def render_one(pipe: StableDiffusionXLPipeline, job: Job, params: SampleParams) -> Image.Image:
+    # A CPU generator gives the same starting noise on every device.
+    generator = torch.Generator("cpu").manual_seed(job.seed)
+    result = pipe(
+        prompt=job.prompt.prompt,
+        negative_prompt=job.negative_prompt or None,
+        num_inference_steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        width=params.width,
+        height=params.height,
+        generator=generator,
+    )
+    return result.images[0]
+
+
+def render_jobs(jobs: list[Job], params: SampleParams) -> RenderResult:
+    output = params.output
+    earlier = read_manifest(output)
+    done: dict[str, dict[str, str]] = {}
+    todo: list[Job] = []
+    for job in jobs:
+        row = earlier.get(job.path)
+        if row and row["key"] == job.key and file_sha256(output / job.path) == row["sha256"]:
+            done[job.path] = row
+        else:
+            todo.append(job)
+    order = [job.path for job in jobs]
+
+    def save_manifest() -> None:
+        write_manifest(output, [done[p] for p in order if p in done])
+
+    save_manifest()
+    sources = {m.name: m for m in params.models}
+    started = time.monotonic()
+    with tqdm(total=len(todo), desc="sample", unit="image") as bar:
+        for name in dict.fromkeys(job.model for job in todo):
+            pipe = load_model(sources[name], params.precision, params.torch_device)
+            pipe.scheduler = make_scheduler(params.scheduler, pipe.scheduler.config)
+            for job in (j for j in todo if j.model == name):
+                data = _png(render_one(pipe, job, params), job)
+                write_bytes(output / job.path, data)
+                done[job.path] = job.row(hashlib.sha256(data).hexdigest())
+                save_manifest()
+                bar.update()
+            del pipe
+    prune(output, {job.path for job in jobs})
+    return RenderResult(rendered=len(todo), reused=len(jobs) - len(todo), seconds=time.monotonic() - started)
+
+
+def prune(output: Path, keep: set[str]) -> None:
+    """Delete images no longer planned (a prompt or model removed), and emptied folders."""
+    root = output / IMAGES_DIR
+    if not root.is_dir():
+        return
+    for file in root.rglob("*"):
+        if file.is_file() and file.relative_to(output).as_posix() not in keep:
+            file.unlink()
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def write_grids(jobs: list[Job], params: SampleParams) -> list[Path]:
+    """A grid per prompt, models side by side; grids of prompts no longer planned go."""
+    grids = params.output / GRIDS_DIR
+    models = list(dict.fromkeys(job.model for job in jobs))
+    paths = {(job.prompt.id, job.seed, job.model): params.output / job.path for job in jobs}
+    written = []
+    for prompt in dict.fromkeys(job.prompt for job in jobs):
+        cells = [[load_image(paths[prompt.id, seed, m].read_bytes()) for m in models] for seed in params.seeds]
+        title = f"{prompt.id}: {prompt.prompt}"
+        sheet = make_grid(cells, models, [f"seed {s}" for s in params.seeds], title, params.grid_cell_width)
+        buffer = io.BytesIO()
+        sheet.save(buffer, format="PNG")
+        path = grids / f"{prompt.id}.png"
+        write_bytes(path, buffer.getvalue())
+        written.append(path)
+    for stale in set(grids.glob("*.png")) - set(written):
+        stale.unlink()
+    return written
