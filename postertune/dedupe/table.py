@@ -1,0 +1,180 @@
+"""The dedupe stage's work on the fetched image table.
+
+Rows that fetched an image are marked ``kept``, ``exact_duplicate`` (a later row with the
+same sha256 as another) or ``near_duplicate`` (a different file whose pHash lies within
+``max_distance`` bits of a kept image's). ``duplicate_of`` always names the sha256 of the
+kept image that stands in for the row. Rows whose fetch failed carry no image and are
+left out (``data/raw/images.parquet`` keeps them, with their reasons).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from postertune.atomic import write_parquet, write_text
+from postertune.dedupe.grouping import KeepCriterion, assign_duplicates, keep_priority
+from postertune.dedupe.hashing import default_workers, hex64, iter_hashes, load_cache, save_cache
+from postertune.errors import PipelineError
+from postertune.params import ParamError
+from postertune.store import ShardStore
+
+REQUIRED_COLUMNS = ("sha256", "url", "width", "height", "bytes", "dpi", "status")
+CHECKPOINT_SECONDS = 30.0
+HASH_BITS = 64
+
+
+@dataclass(frozen=True)
+class DedupeParams:
+    max_distance: int = 10  # Hamming distance between 64-bit pHashes that still counts as the same poster
+    keep_order: tuple[KeepCriterion, ...] = ("pixels", "kb_per_pixel")
+    workers: int = 0  # hashing processes; 0: one per available core
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_distance < HASH_BITS // 2:
+            raise ParamError("dedupe.max_distance", f"must be within 0..{HASH_BITS // 2 - 1}, got {self.max_distance}")
+        if not self.keep_order:
+            raise ParamError("dedupe.keep_order", "must name at least one criterion")
+        if len(set(self.keep_order)) != len(self.keep_order):
+            raise ParamError("dedupe.keep_order", f"names a criterion twice: {list(self.keep_order)}")
+        if self.workers < 0:
+            raise ParamError("dedupe.workers", f"must be 0 (one per core) or more, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class DedupePaths:
+    table: Path = Path("data/raw/images.parquet")
+    shards: Path = Path("data/raw/shards")
+    out: Path = Path("data/dedup")
+
+    @property
+    def hash_cache(self) -> Path:
+        return self.out / "phash_cache.parquet"
+
+
+def read_fetched(path: Path) -> tuple[pd.DataFrame, int]:
+    """The rows of the fetch table that hold an image, and the count of rows that do not."""
+    try:
+        frame = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found (run the fetch stage first)") from None
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise PipelineError(f"{path}: not a readable Parquet table ({type(exc).__name__})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column {missing[0]!r}")
+    fetched = frame["status"] == "ok"
+    holes = fetched & (frame["sha256"].isna() | frame["width"].isna() | frame["height"].isna() | frame["bytes"].isna())
+    if holes.any():
+        row = int(np.flatnonzero(holes)[0])
+        raise PipelineError(f"{path}: row {row} has status ok but no sha256, width, height or bytes")
+    return frame[fetched].reset_index(drop=True), int((~fetched).sum())
+
+
+def hash_images(store: ShardStore, shas: list[str], workers: int, cache_path: Path) -> tuple[dict[str, int], dict]:
+    """pHashes of ``shas``, reusing and checkpointing ``cache_path`` so an interrupted or
+    re-thresholded run does not hash the same image twice; also returns timing counts."""
+    cached = load_cache(cache_path)
+    hashes = {sha: cached[sha] for sha in shas if sha in cached}
+    todo = [sha for sha in shas if sha not in hashes]
+    failures: dict[str, str] = {}
+    started = last_save = time.monotonic()
+    try:
+        progress = tqdm(
+            iter_hashes(store, todo, workers or default_workers()), total=len(todo), desc="phash", unit="img"
+        )
+        for sha, value, reason in progress:
+            if value is None:
+                failures[sha] = reason
+            else:
+                hashes[sha] = value
+            if time.monotonic() - last_save >= CHECKPOINT_SECONDS:
+                save_cache(cache_path, hashes)
+                last_save = time.monotonic()
+    finally:
+        seconds = time.monotonic() - started
+        save_cache(cache_path, hashes)
+    if failures:
+        sha, reason = next(iter(failures.items()))
+        raise PipelineError(
+            f"{store.root}: stored image {sha} does not decode ({reason}); {len(failures)} such image(s)"
+        )
+    hashed = len(todo)
+    timing = {"hashed": hashed, "from_cache": len(shas) - hashed, "images_per_s": hashed / seconds if hashed else 0.0}
+    return hashes, timing
+
+
+def mark_duplicates(rows: pd.DataFrame, hashes: dict[str, int], params: DedupeParams) -> pd.DataFrame:
+    """``rows`` (fetched images, table order) plus ``dedupe_status``, ``duplicate_of``,
+    ``phash`` and ``dedupe_distance`` (bits from the kept image's hash)."""
+    first_of_sha = ~rows["sha256"].duplicated()
+    images = rows[first_of_sha]
+    priority = keep_priority(images, params.keep_order)
+    image_hashes = np.array([hashes[sha] for sha in images["sha256"]], dtype=np.uint64)
+    assignment = assign_duplicates(image_hashes, priority, params.max_distance)
+    image_sha = images["sha256"].to_numpy()
+    keeper_of = dict(zip(image_sha, image_sha[assignment.keeper], strict=True))
+    distance_of = dict(zip(image_sha, assignment.distance, strict=True))
+
+    out = rows.copy()
+    keeper = out["sha256"].map(keeper_of)
+    out["dedupe_status"] = np.where(
+        ~first_of_sha, "exact_duplicate", np.where(keeper == out["sha256"], "kept", "near_duplicate")
+    )
+    out["duplicate_of"] = keeper.where(out["dedupe_status"] != "kept", None)
+    out["phash"] = out["sha256"].map(lambda sha: hex64(hashes[sha]))
+    out["dedupe_distance"] = out["sha256"].map(distance_of).astype(np.int64)
+    return out
+
+
+def duplicate_groups(marked: pd.DataFrame) -> pd.DataFrame:
+    """One row per table row that belongs to a group of two or more, kept row first."""
+    kept_sha = marked["duplicate_of"].fillna(marked["sha256"])
+    in_group = kept_sha.duplicated(keep=False)
+    groups = marked[in_group].assign(kept_sha256=kept_sha[in_group], position=np.flatnonzero(in_group))
+    order = groups.groupby("kept_sha256", sort=False)["position"].transform("min")
+    groups = groups.assign(
+        group=order.rank(method="dense").astype(np.int64),
+        role=(groups["dedupe_status"] != "kept").astype(int),
+    )
+    groups = groups.sort_values(["group", "role", "dedupe_distance", "position"])
+    columns = {"group": "group", "kept_sha256": "kept_sha256", "sha256": "member_sha256",
+               "dedupe_status": "status", "dedupe_distance": "distance",
+               "width": "width", "height": "height", "url": "url"}  # fmt: skip
+    return groups[list(columns)].rename(columns=columns).reset_index(drop=True)
+
+
+def run_dedupe(params: DedupeParams, paths: DedupePaths = DedupePaths()) -> dict:
+    """Mark duplicates in the fetch table; write the marked table and the groups; return metrics."""
+    rows, failed = read_fetched(paths.table)
+    store = ShardStore(paths.shards)
+    shas = list(dict.fromkeys(rows["sha256"]))
+    absent = [sha for sha in shas if sha not in store]
+    if absent:
+        row = int(np.flatnonzero(rows["sha256"] == absent[0])[0])
+        raise PipelineError(f"{paths.table}: image {absent[0]} of url {rows['url'][row]} is not in {paths.shards}")
+    with store:
+        hashes, timing = hash_images(store, shas, params.workers, paths.hash_cache)
+    started = time.monotonic()
+    marked = mark_duplicates(rows, hashes, params)
+    search_seconds = time.monotonic() - started
+    groups = duplicate_groups(marked)
+    write_parquet(paths.out / "images.parquet", marked)
+    write_text(paths.out / "groups.csv", groups.to_csv(index=False))
+    status = marked["dedupe_status"].value_counts()
+    return {
+        "images_in": len(rows),
+        "failed_fetch_rows_skipped": failed,
+        "unique_images": len(shas),
+        "exact_duplicates_removed": int(status.get("exact_duplicate", 0)),
+        "near_duplicates_removed": int(status.get("near_duplicate", 0)),
+        "kept": int(status.get("kept", 0)),
+        "duplicate_groups": int(groups["group"].max()) if len(groups) else 0,
+        "hashing": timing,
+        "search_seconds": search_seconds,
+    }
