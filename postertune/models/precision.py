@@ -1,0 +1,31 @@
+"""The precisions a model is saved in, as the guide's ``save_precision`` names them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Precision = Literal["float", "fp16", "bf16"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+def torch_dtype(precision: Precision) -> torch.dtype:
+    try:
+        return DTYPES[precision]
+    except KeyError:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(DTYPES)}") from None
+
+
+def cast_state_dict(state_dict: dict[str, torch.Tensor], precision: Precision) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies of floating-point tensors in ``precision``; the model is untouched."""
+    dtype = torch_dtype(precision)
+    return {
+        key: (t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu()).contiguous()
+        for key, t in state_dict.items()
+    }
