@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import time
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import yaml
 from PIL import Image
 
 from postertune.errors import PipelineError
+from postertune.fetch.http import retry_after_seconds
 from postertune.fetch.journal import JOURNAL_NAME
 from postertune.fetch.params import FetchParams, SourceParams
 from postertune.fetch.runner import run_fetch
@@ -331,6 +334,16 @@ def test_faults_each_get_their_reason_and_good_images_arrive_intact(tmp_path):
     assert metrics["distinct_images"] == 9
     # three tries at the closed port, and a retry whenever a kept-alive connection was found closed
     assert metrics["run"]["requests"] >= sum(server.counts.values()) + 3
+
+
+def test_retry_after_reads_seconds_and_http_dates():
+    in_a_minute = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=60), usegmt=True)
+    assert 55 < retry_after_seconds(in_a_minute) <= 60
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert retry_after_seconds(" 7 ") == 7.0
+    assert (
+        retry_after_seconds("soon") is None and retry_after_seconds("-3") is None and retry_after_seconds(None) is None
+    )
 
 
 def test_connections_are_bounded_per_host_and_in_total(tmp_path):

@@ -60,17 +60,16 @@ class HttpClient:
             await self._session.close()
 
     async def get(self, url: str) -> Payload:
-        p = self.params
-        for attempt in range(p.retries + 1):
+        for attempt in range(self.params.retries + 1):
             try:
                 return Payload(url, await self._attempt(url))
             except _Failed as exc:
                 return Payload(url, reason=exc.reason)
             except _Retryable as exc:
-                if attempt == p.retries:
-                    return Payload(url, reason=exc.reason)
-                await asyncio.sleep(self._delay(attempt, exc.retry_after))
-        raise AssertionError("unreachable")
+                failure = exc
+            if attempt < self.params.retries:
+                await asyncio.sleep(self._delay(attempt, failure.retry_after))
+        return Payload(url, reason=failure.reason)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         p = self.params
@@ -115,12 +114,15 @@ class HttpClient:
     async def _body(self, response: aiohttp.ClientResponse) -> bytes:
         status = response.status
         if status == 429 or status >= 500:
-            raise _Retryable(f"http_{status}", _retry_after(response.headers.get("Retry-After")))
+            raise _Retryable(f"http_{status}", retry_after_seconds(response.headers.get("Retry-After")))
         if status != 200:
             raise _Failed(f"http_{status}")
         limit = self.params.max_bytes
-        if response.content_length is not None and response.content_length > limit:
-            raise _Failed("too_large")
+        if response.content_length is not None:
+            if response.content_length > limit:
+                raise _Failed("too_large")
+            if not response.headers.get("Content-Encoding"):
+                return await response.read()  # aiohttp stops at Content-Length: the cap holds
         body = bytearray()
         async for chunk in response.content.iter_chunked(CHUNK):
             body += chunk
@@ -129,7 +131,7 @@ class HttpClient:
         return bytes(body)
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
     if not value:
         return None
