@@ -460,8 +460,16 @@ def test_real_base_folder_is_a_pointer(tmp_path, single_file, base_dir, other_di
     assert_same_weights(tiny.text_encoder_2, pipe.text_encoder_2, torch.bfloat16)
 
 
-def test_broken_pointer_is_one_line_error(tmp_path):
-    (tmp_path / POINTER_FILE).write_text('{"model": "x"}')
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"model": "x"}', "model: unknown parameter"),
+        ('{"base": 5}', "base: expected a string"),
+    ],
+)
+def test_broken_pointer_is_one_line_error(tmp_path, text, problem):
+    (tmp_path / POINTER_FILE).write_text(text)
     with pytest.raises(PipelineError) as exc_info:
         load_pipeline(tmp_path)
-    assert_one_line_error(exc_info, str(tmp_path / POINTER_FILE), "not a model pointer")
+    assert_one_line_error(exc_info, str(tmp_path / POINTER_FILE), problem)

@@ -42,8 +42,11 @@ from postertune.models.atomic_dir import atomic_dir
 from postertune.models.precision import Precision, cast_state_dict
 from postertune.models.sources import TINY, ModelSource, SourceKind, source_kind
 from postertune.models.tiny import build_tiny_pipeline
+from postertune.params import build
 
 POINTER_FILE = "base.json"
+# What diffusers raises on a source it cannot use: absent from the cache, wrong or corrupt files.
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -146,7 +149,7 @@ def pipeline_from_source(
             pipe = StableDiffusionXLPipeline.from_pretrained(
                 source.base, dtype=dtype, cache_dir=cache_dir, use_safetensors=True, **given
             )
-    except (OSError, SafetensorError) as exc:
+    except LOAD_ERRORS as exc:
         raise PipelineError(f"base model {source.base}: cannot load: {_first_line(exc)}") from None
     if source.vae is not None:
         pipe.register_modules(vae=load_vae(source.vae, pipe.vae, source.seed, dtype, cache_dir))
@@ -174,7 +177,7 @@ def load_vae(
         return AutoencoderKL.from_pretrained(
             value, subfolder=subfolder, dtype=dtype, cache_dir=cache_dir, use_safetensors=True
         )
-    except (OSError, SafetensorError) as exc:
+    except LOAD_ERRORS as exc:
         raise PipelineError(f"vae {value}: cannot load: {_first_line(exc)}") from None
 
 
@@ -183,7 +186,7 @@ def load_unet(unet_dir: Path | str, dtype: torch.dtype = torch.float32) -> UNet2
     _require_file(Path(unet_dir) / "config.json", "unet")
     try:
         return UNet2DConditionModel.from_pretrained(unet_dir, dtype=dtype, use_safetensors=True)
-    except (OSError, SafetensorError) as exc:
+    except LOAD_ERRORS as exc:
         raise PipelineError(f"unet {unet_dir}: cannot load: {_first_line(exc)}") from None
 
 
@@ -216,9 +219,9 @@ def save_base_folder(source: ModelSource, folder: Path | str, *, cache_dir: Path
 def read_pointer(path: Path) -> ModelSource:
     try:
         data = json.loads(path.read_text())
-        return ModelSource(**data)
-    except (ValueError, TypeError) as exc:
-        raise PipelineError(f"{path}: not a model pointer ({_first_line(exc)})") from None
+    except ValueError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({_first_line(exc)})") from None
+    return build(ModelSource, data, str(path))
 
 
 def _tiny_pipeline(seed: int) -> StableDiffusionXLPipeline:

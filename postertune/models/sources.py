@@ -42,7 +42,7 @@ def classify(value: str) -> tuple[SourceKind | None, str]:
     """The kind of source ``value`` is, or ``None`` and what is wrong with it."""
     if value == TINY:
         return "tiny", ""
-    path = Path(value).expanduser()
+    path = Path(value)
     if path.is_dir():
         return "folder", ""
     if path.is_file():
