@@ -228,7 +228,7 @@ def build_demo_set(seed: int = DEFAULT_SEED) -> tuple[dict[str, bytes], list[dic
             smaller = img.resize((img.width * 4 // 5, img.height * 4 // 5), Image.Resampling.LANCZOS)
             add_row("near_duplicate_resized", encode(smaller, quality=80), "jpg", *meta)
         elif design.key == "cropped_original":
-            dx, dy = img.width // 50, img.height // 50
+            dx, dy = img.width * 3 // 100, img.height * 3 // 100
             cropped = img.crop((dx, dy, img.width - dx, img.height - dy))
             add_row("near_duplicate_cropped", encode(cropped, quality=85, dpi=design.dpi), "jpg", *meta)
     add_row("dead_link", None, "jpg", "Missing Reel", overview_text(rnd), "Drama")
