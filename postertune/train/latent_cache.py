@@ -1,0 +1,121 @@
+"""Latents encoded once and kept on disk, keyed by image, bucket, crop and VAE.
+
+A cached file holds the VAE latent of exactly one crop of one image and, as metadata,
+the micro-conditioning of that crop, so what the U-Net is told always matches what it
+sees. The folder is named by a fingerprint of the VAE weights and encode dtype: a new
+VAE never reuses latents of the old one. Files are written atomically one by one, so
+an interrupted cache build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from postertune.atomic import atomic_path
+from postertune.errors import PipelineError
+from postertune.imagesafe import ImageRejected, load_image
+from postertune.store import ShardStore
+from postertune.train.buckets import Crop
+from postertune.train.fingerprint import fingerprint_module
+
+CACHE_FORMAT = 1  # bump when the way pixels become latents changes (resampling, value range)
+
+
+@dataclass(frozen=True)
+class LatentEntry:
+    sha256: str
+    crop: Crop
+
+    @property
+    def file_name(self) -> str:
+        c = self.crop
+        flip = "-flip" if c.flipped else ""
+        return f"{self.sha256[:2]}/{self.sha256}-{c.bucket.name}-{c.resized_width}x{c.resized_height}+{c.left}+{c.top}{flip}.safetensors"
+
+
+def vae_cache_id(vae: torch.nn.Module, dtype: torch.dtype) -> str:
+    return fingerprint_module(vae, str(dtype), CACHE_FORMAT)[:16]
+
+
+class LatentCache:
+    def __init__(self, root: Path, vae_id: str):
+        self.folder = Path(root) / "latents" / vae_id
+
+    def path(self, entry: LatentEntry) -> Path:
+        return self.folder / entry.file_name
+
+    def missing(self, entries: list[LatentEntry]) -> list[LatentEntry]:
+        return [e for e in dict.fromkeys(entries) if not self.path(e).is_file()]
+
+    def load(self, entry: LatentEntry) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached latent and its time_ids (original_h, original_w, crop_top, crop_left, target_h, target_w)."""
+        with safe_open(self.path(entry), framework="pt") as f:
+            latent = f.get_tensor("latent")
+            time_ids = [int(v) for v in f.metadata()["time_ids"].split(",")]
+        return latent, torch.tensor(time_ids, dtype=torch.float32)
+
+    def save(self, entry: LatentEntry, latent: torch.Tensor) -> None:
+        metadata = {"sha256": entry.sha256, "time_ids": ",".join(map(str, entry.crop.time_ids()))}
+        with atomic_path(self.path(entry)) as tmp:
+            save_file({"latent": latent.contiguous()}, str(tmp), metadata=metadata)
+
+    @torch.no_grad()
+    def fill(
+        self,
+        entries: list[LatentEntry],
+        store: ShardStore,
+        vae: torch.nn.Module,
+        batch_size: int,
+        max_pixels: int,
+        show_progress: bool = True,
+    ) -> int:
+        """Encode every entry not cached yet; returns how many were encoded."""
+        todo = sorted(self.missing(entries), key=lambda e: (e.crop.bucket, e.sha256))
+        param = next(vae.parameters())
+        scale = vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        with tqdm(total=len(todo), desc="caching latents", unit="img", disable=not show_progress) as bar:
+            for _, group in groupby(todo, key=lambda e: e.crop.bucket):
+                group = list(group)
+                for start in range(0, len(group), batch_size):
+                    chunk = group[start : start + batch_size]
+                    pixels = torch.stack([pixels_of(e, store, max_pixels) for e in chunk])
+                    latents = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
+                    for entry, latent in zip(chunk, ((latents - shift) * scale).float().cpu(), strict=True):
+                        if not torch.isfinite(latent).all():
+                            raise PipelineError(
+                                f"image {entry.sha256}: the VAE gave NaN/inf latents (fp16 VAE overflow: "
+                                "use the fp16-fix VAE via train.vae or set train.no_half_vae: true)"
+                            )
+                        self.save(entry, latent)
+                    bar.update(len(chunk))
+        return len(todo)
+
+
+def pixels_of(entry: LatentEntry, store: ShardStore, max_pixels: int) -> torch.Tensor:
+    """The image cropped as ``entry`` says, as a CHW tensor in [-1, 1]."""
+    crop = entry.crop
+    try:
+        image = load_image(store.read(entry.sha256), max_pixels)
+    except ImageRejected as exc:
+        raise PipelineError(f"image {entry.sha256} in {store.root}: cannot be decoded ({exc.reason})") from None
+    if image.size != (crop.original_width, crop.original_height):
+        raise PipelineError(
+            f"image {entry.sha256}: is {image.width}x{image.height} but the captions table says "
+            f"{crop.original_width}x{crop.original_height}"
+        )
+    image = image.resize((crop.resized_width, crop.resized_height), Image.Resampling.LANCZOS)
+    if crop.flipped:
+        image = ImageOps.mirror(image)
+    image = image.crop((crop.left, crop.top, crop.left + crop.bucket.width, crop.top + crop.bucket.height))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

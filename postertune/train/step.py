@@ -1,0 +1,83 @@
+"""One training step on a batch of cached latents: forward, loss, backward, update.
+
+``training_step`` touches nothing but the batch, the U-Net, the noise schedule and the
+optimizer, so a benchmark can drive it with synthetic latents and embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from postertune.errors import PipelineError
+from postertune.train.loss import diffusion_loss, diffusion_target
+
+BATCH_TENSORS = ("latent", "noise", "timestep", "time_ids", "prompt_embeds", "pooled_prompt_embeds")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    snr_gamma: float | None = None
+    max_grad_norm: float = 0.0
+    fused_backward_pass: bool = False  # the optimizer already stepped inside backward
+    channels_last: bool = False
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    moved = {k: batch[k].to(device, non_blocking=True) for k in BATCH_TENSORS}
+    if channels_last:
+        moved["latent"] = moved["latent"].contiguous(memory_format=torch.channels_last)
+        moved["noise"] = moved["noise"].contiguous(memory_format=torch.channels_last)
+    return moved
+
+
+def denoise(unet, batch: dict, noise_scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+    """The U-Net's prediction for the noised latents, and what it should have predicted."""
+    latents, noise, timesteps = batch["latent"], batch["noise"], batch["timestep"]
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(
+        noisy,
+        timesteps,
+        encoder_hidden_states=batch["prompt_embeds"],
+        added_cond_kwargs={"text_embeds": batch["pooled_prompt_embeds"], "time_ids": batch["time_ids"]},
+        return_dict=False,
+    )[0]
+    return prediction, diffusion_target(noise_scheduler, latents, noise, timesteps)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over every process's micro-batch
+    grad_norm: float | None  # before clipping; only on steps that update the weights
+
+
+def training_step(
+    batch: dict,
+    unet,
+    noise_scheduler,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    config: StepConfig,
+    step: int,
+) -> StepResult:
+    """One micro-batch; the weights change when ``accelerator`` has accumulated enough of them."""
+    with accelerator.accumulate(unet):
+        with accelerator.autocast():
+            prediction, target = denoise(unet, batch, noise_scheduler)
+        loss = diffusion_loss(prediction, target, batch["timestep"], noise_scheduler, config.snr_gamma)
+        mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+        if not torch.isfinite(torch.tensor(mean_loss)):
+            raise PipelineError(
+                f"train: loss is {mean_loss} at step {step}: likely an fp16 VAE overflow (use the fp16-fix VAE "
+                "via train.vae, or train.no_half_vae: true) or a learning rate too high (train.learning_rate)"
+            )
+        accelerator.backward(loss)
+        grad_norm = None
+        if accelerator.sync_gradients and config.max_grad_norm:
+            grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm))
+        if not config.fused_backward_pass:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return StepResult(mean_loss, grad_norm)
