@@ -2,78 +2,17 @@
 
 from __future__ import annotations
 
-from functools import partial
-
-from postertune.atomic import atomic_path
 from postertune.cli import run_stage
-from postertune.evaluate.aesthetic import load_aesthetic_head
-from postertune.evaluate.clip import check_weights, load_clip
-from postertune.evaluate.cmmd import mmd, reference_hashes, reference_loader
 from postertune.evaluate.params import EvaluateParams
-from postertune.evaluate.report import comparison_table, headline_metrics
-from postertune.evaluate.samples import MANIFEST, load_sample, read_samples
-from postertune.evaluate.scoring import embed_images, score_samples
-from postertune.evaluate.stats import METRICS, compare, summarize
+from postertune.evaluate.run import evaluate
 from postertune.metrics import write_metrics
-from postertune.params import ParamError, section
-from postertune.store import ShardStore
+from postertune.params import section
 
 
 def main() -> None:
-    params = section(EvaluateParams, "evaluate")
-    check_weights(params)
-    samples = read_samples(params.samples)
-    models = list(dict.fromkeys(samples["model"]))
-    if params.candidate not in models:
-        raise ParamError(
-            "evaluate.candidate",
-            f"{params.candidate!r} has no images in {params.samples / MANIFEST} ({', '.join(models)})",
-        )
-    references = (
-        reference_hashes(params.cmmd.images, params.cmmd.max_images, params.seed) if params.cmmd.enabled else []
-    )
-
-    device = params.torch_device
-    clip = load_clip(params, device)
-    head = load_aesthetic_head(params.aesthetic_head, clip.embed_dim, params.seed, device)
-    scores, embeddings = score_samples(samples, clip, head, partial(load_sample, params.samples), params.batch_size)
-
-    summary = summarize(scores)
-    comparisons = {
-        other: {
-            metric: compare(
-                scores,
-                params.candidate,
-                other,
-                column,
-                params.confidence,
-                params.bootstrap_resamples,
-                params.paired_test,
-                params.seed,
-            )
-            for metric, column in METRICS.items()
-        }
-        for other in models
-        if other != params.candidate
-    }
-    cmmd = {}
-    if references:
-        with ShardStore(params.cmmd.shards) as store:
-            real = embed_images(clip, references, reference_loader(store), params.batch_size, "cmmd reference")
-        for model in models:
-            own = embeddings[(samples["model"] == model).to_numpy()]
-            cmmd[model] = mmd(own, real, params.cmmd.sigma, params.cmmd.scale)
-        summary["cmmd"] = summary["model"].map(cmmd)
-
-    for name, frame in (
-        ("scores.csv", scores),
-        ("summary.csv", summary),
-        ("comparisons.csv", comparison_table(params.candidate, comparisons)),
-    ):
-        with atomic_path(params.output / name) as tmp:
-            frame.to_csv(tmp, index=False)
-    write_metrics("evaluate", headline_metrics(summary, params.candidate, comparisons, cmmd))
-    print(summary.to_string(index=False))
+    report = evaluate(section(EvaluateParams, "evaluate"))
+    write_metrics("evaluate", report.metrics)
+    print(report.summary.to_string(index=False))
 
 
 if __name__ == "__main__":

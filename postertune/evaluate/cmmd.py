@@ -32,20 +32,26 @@ def mmd(x: np.ndarray, y: np.ndarray, sigma: float = 10.0, scale: float = 1000.0
     return scale * (kernel_mean(x, x) + kernel_mean(y, y) - 2.0 * kernel_mean(x, y))
 
 
-def reference_hashes(images_table: Path, max_images: int, seed: int) -> list[str]:
-    """A seeded sample of up to ``max_images`` real posters (sha256s) from a table."""
+def reference_hashes(images_table: Path, store: ShardStore, max_images: int, seed: int) -> list[str]:
+    """A seeded sample of up to ``max_images`` real posters (sha256s) listed in a table,
+    every one present in ``store``."""
     try:
         table = pd.read_parquet(images_table, columns=["sha256"])
     except FileNotFoundError:
         raise PipelineError(f"{images_table}: reference image table not found") from None
-    except (KeyError, ValueError) as exc:
-        raise PipelineError(f"{images_table}: no sha256 column ({str(exc).splitlines()[0]})") from None
+    except (KeyError, ValueError, OSError) as exc:
+        raise PipelineError(f"{images_table}: no readable sha256 column ({str(exc).splitlines()[0]})") from None
     hashes = sorted(set(table["sha256"].dropna()))
     if len(hashes) < 2:
         raise PipelineError(f"{images_table}: needs at least 2 reference images for CMMD, found {len(hashes)}")
     if len(hashes) > max_images:
         chosen = np.random.default_rng(seed).choice(len(hashes), size=max_images, replace=False)
         hashes = [hashes[i] for i in sorted(chosen)]
+    absent = [sha for sha in hashes if sha not in store]
+    if absent:
+        raise PipelineError(
+            f"{store.root}: image {absent[0]} listed in {images_table} is not stored ({len(absent)} missing)"
+        )
     return hashes
 
 

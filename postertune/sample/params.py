@@ -55,7 +55,7 @@ class SampleParams:
                 raise ParamError(
                     f"sample.models[{i}].name", f"{model.name!r} must be lower-case letters, digits, _ or -"
                 )
-            if names.count(model.name) > 1:
+            if model.name in names[:i]:
                 raise ParamError(f"sample.models[{i}].name", f"{model.name!r} is used twice")
         if self.images_per_prompt < 1:
             raise ParamError("sample.images_per_prompt", "must be at least 1")
