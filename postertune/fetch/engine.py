@@ -22,7 +22,7 @@ from postertune.fetch.http import HttpClient
 from postertune.fetch.journal import StoredImage, save_journal
 from postertune.fetch.local import Payload, read_archive, read_file
 from postertune.fetch.params import FetchParams
-from postertune.fetch.urls import WEB_SCHEMES, local_target, scheme_of
+from postertune.fetch.urls import local_target, scheme_of
 from postertune.imagesafe import ImageRejected, inspect_image
 from postertune.store import ShardWriter, sha256_hex
 
@@ -104,35 +104,36 @@ async def fetch_all(
 ) -> int:
     """Fetch ``urls`` (already checked against the URL policy); return the HTTP requests sent."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[str | Payload | None] = asyncio.Queue(maxsize=2 * params.max_connections)
+    # a job is a URL with the local file behind it (None for the web), or bytes read already
+    queue: asyncio.Queue[tuple[str, Path | None] | Payload | None] = asyncio.Queue(maxsize=2 * params.max_connections)
     archives: dict[Path, dict[str, str]] = defaultdict(dict)
-    direct = []
+    direct: list[tuple[str, Path | None]] = []
     for url in urls:
         target = local_target(url) if scheme_of(url) == "file" else None
         if target is not None and target.member is not None:
             archives[target.path][target.member] = url
         else:
-            direct.append(url)
+            direct.append((url, target.path if target else None))
 
     with ThreadPoolExecutor(params.decode_workers, thread_name_prefix="decode") as decoders:
         async with HttpClient(params) as http:
 
-            async def get(url: str) -> Payload:
-                if scheme_of(url) in WEB_SCHEMES:
-                    return await http.get(url)
-                return await asyncio.to_thread(read_file, url, local_target(url).path, params.max_bytes)
-
             async def worker() -> None:
-                while (item := await queue.get()) is not None:
-                    payload = item if isinstance(item, Payload) else await get(item)
+                while (job := await queue.get()) is not None:
+                    if isinstance(job, Payload):
+                        payload = job
+                    elif job[1] is None:
+                        payload = await http.get(job[0])
+                    else:
+                        payload = await asyncio.to_thread(read_file, job[0], job[1], params.max_bytes)
                     outcome, data = await loop.run_in_executor(decoders, verify, payload, params.max_pixels)
                     if outcome.image is not None and data is not None:
                         publisher.add(outcome.image, data)
                     on_outcome(outcome)
 
             async def feed() -> None:
-                for url in direct:
-                    await queue.put(url)
+                for job in direct:
+                    await queue.put(job)
                 for path, members in archives.items():
                     payloads = read_archive(path, members, params.max_bytes)
                     while (payload := await asyncio.to_thread(next, payloads, None)) is not None:

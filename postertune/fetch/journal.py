@@ -9,7 +9,7 @@ byte cap may admit an image).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pandas as pd
@@ -53,5 +53,6 @@ def load_journal(shards: Path, stored: set[str] | dict) -> dict[str, StoredImage
 
 
 def save_journal(shards: Path, entries: dict[str, StoredImage]) -> None:
-    frame = pd.DataFrame([asdict(e) for e in entries.values()], columns=COLUMNS).astype(DTYPES)
+    images = entries.values()
+    frame = pd.DataFrame({column: [getattr(e, column) for e in images] for column in COLUMNS}).astype(DTYPES)
     write_parquet(shards / JOURNAL_NAME, frame)

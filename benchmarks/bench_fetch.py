@@ -1,0 +1,210 @@
+"""Fetch throughput: images/s from a loopback HTTP server through the real fetch stage code.
+
+    python benchmarks/bench_fetch.py [--images 2000] [--max-connections-per-host 32]
+
+Draws synthetic 600x900 JPEG posters (about 50-150 KB, cached under the system temp
+folder), serves them from memory with aiohttp in a separate process on 127.0.0.1, and
+times ``run_fetch`` (sources, downloads, decode checks, shards, journal, table) on a
+fresh store. The baseline, measured in the same run on the same images, is the guide's
+approach: a sequential loop that downloads each image with ``urllib`` and decodes it
+(once fully with Pillow, as a naive script would, and once with the same
+``inspect_image`` check the stage uses, to isolate the gain from concurrency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing
+import os
+import resource
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from postertune.fetch.params import FetchParams  # noqa: E402
+from postertune.fetch.runner import run_fetch  # noqa: E402
+from postertune.imagesafe import inspect_image  # noqa: E402
+from postertune.params import build  # noqa: E402
+from postertune.store import sha256_hex  # noqa: E402
+
+WIDTH, HEIGHT = 600, 900
+
+
+def draw_posters(task: tuple[int, int, int]) -> list[bytes]:
+    """Posters ``start`` .. ``stop`` - 1: a colour gradient, film grain and flat panels."""
+    start, stop, seed = task
+    rng = np.random.default_rng([seed, start])
+    grain = rng.normal(0, 1, (HEIGHT * 2, WIDTH * 2, 3)).astype(np.float32)
+    y = np.linspace(0, 1, HEIGHT, dtype=np.float32)[:, None, None]
+    x = np.linspace(0, 1, WIDTH, dtype=np.float32)[None, :, None]
+    posters = []
+    for _ in range(start, stop):
+        top, bottom, side = rng.random((3, 3), dtype=np.float32) * 255
+        oy, ox = rng.integers(0, HEIGHT), rng.integers(0, WIDTH)
+        pixels = top * (1 - y) + bottom * y * x + side * (1 - x) * y * 0.5
+        pixels += rng.uniform(4, 14) * grain[oy : oy + HEIGHT, ox : ox + WIDTH]
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(12):
+            x0, y0 = int(rng.integers(0, WIDTH)), int(rng.integers(0, HEIGHT))
+            size = rng.integers(20, 200, 2)
+            draw.rectangle([x0, y0, x0 + int(size[0]), y0 + int(size[1])], fill=tuple(rng.integers(0, 256, 3).tolist()))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=85)
+        posters.append(buf.getvalue())
+    return posters
+
+
+def poster_folder(count: int, seed: int = 0) -> Path:
+    folder = Path(tempfile.gettempdir()) / f"postertune-bench-fetch-{count}-{seed}"
+    if len(list(folder.glob("*.jpg"))) == count:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = [(i, min(i + 100, count), seed) for i in range(0, count, 100)]
+    with multiprocessing.Pool() as pool:
+        for (start, _, _), posters in zip(tasks, pool.map(draw_posters, tasks), strict=True):
+            for i, data in enumerate(posters, start):
+                (folder / f"{i:06d}.jpg").write_bytes(data)
+    return folder
+
+
+def serve(folder: Path, port: int) -> None:
+    """A fast server: every image in memory, no access log."""
+    from aiohttp import web
+
+    images = {p.name: p.read_bytes() for p in folder.glob("*.jpg")}
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=images[request.match_info["name"]], content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/{name}", handler)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, handle_signals=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # this process, all its threads
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured(count: int, work: Callable[[], None]) -> tuple[float, float]:
+    """Run ``work``; return images/s and client CPU milliseconds per image."""
+    cpu, start = cpu_seconds(), time.perf_counter()
+    work()
+    return count / (time.perf_counter() - start), 1000 * (cpu_seconds() - cpu) / count
+
+
+def naive_loop(urls: list[str], check: Callable[[bytes], object]) -> None:
+    """The guide's way: one image after the other, download then decode."""
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            data = response.read()
+        check(data)
+        sha256_hex(data)
+
+
+def full_decode(data: bytes) -> None:
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+
+
+def stage_run(urls: list[str], work: Path, overrides: dict) -> None:
+    """The fetch stage's own code path on a fresh store in ``work``."""
+    table = work / "urls.csv"
+    pd.DataFrame({"url": urls}).to_csv(table, index=False)
+    raw = {"sources": [{"name": "bench", "kind": "table", "path": str(table), "url_column": "url"}]}
+    params = build(FetchParams, raw | {"allowed_schemes": ["http"], **overrides}, "fetch")
+    run_fetch(params, work / "shards", work / "images.parquet")
+    fetched = pd.read_parquet(work / "images.parquet")
+    assert (fetched["status"] == "ok").all(), fetched["reason"].value_counts()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3, help="each method runs this often; the best round counts")
+    parser.add_argument("--max-connections", type=int, default=32)
+    parser.add_argument("--max-connections-per-host", type=int, default=32)
+    parser.add_argument("--decode-workers", type=int, default=2)
+    args = parser.parse_args()
+
+    folder = poster_folder(args.images)
+    sizes = [p.stat().st_size for p in folder.glob("*.jpg")]
+    port = free_port()
+    server = multiprocessing.get_context("spawn").Process(target=serve, args=(folder, port), daemon=True)
+    server.start()
+    overrides = {
+        "max_connections": args.max_connections,
+        "max_connections_per_host": args.max_connections_per_host,
+        "decode_workers": args.decode_workers,
+    }
+    stage_name = (
+        f"fetch stage (run_fetch, {args.max_connections} conn, {args.max_connections_per_host}/host, "
+        f"{args.decode_workers} decoders)"
+    )
+    results: dict[str, list[tuple[float, float]]] = {}
+    loads = []
+    try:
+        urls = [f"http://127.0.0.1:{port}/{p.name}" for p in sorted(folder.glob("*.jpg"))]
+        wait_for(urls[0])
+        for _ in range(args.rounds):  # interleaved, so a burst of load elsewhere hits every method alike
+            work = Path(tempfile.mkdtemp(prefix="bench-fetch-"))
+            try:
+                run = partial(stage_run, urls, work, overrides)
+                results.setdefault(stage_name, []).append(measured(len(urls), run))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            for name, check in [("full Pillow decode", full_decode), ("inspect_image (draft decode)", inspect_image)]:
+                key = f"sequential urllib + {name}"
+                results.setdefault(key, []).append(measured(len(urls), partial(naive_loop, urls, check)))
+            loads.append(os.getloadavg()[0])
+    finally:
+        server.terminate()
+        server.join()
+
+    print(
+        f"{args.images} posters, {WIDTH}x{HEIGHT} JPEG, {min(sizes) / 1e3:.0f}-{max(sizes) / 1e3:.0f} KB "
+        f"(mean {np.mean(sizes) / 1e3:.0f} KB); loopback aiohttp server in its own process; "
+        f"{os.cpu_count()} cores, 1-min load average {min(loads):.1f}-{max(loads):.1f}; best of {args.rounds} rounds"
+    )
+    baseline = max(results["sequential urllib + full Pillow decode"])[0]
+    print(f"{'method':58} {'images/s':>9} {'ratio':>6} {'client CPU ms/image':>20}  all rounds, images/s")
+    for name, rounds in sorted(results.items(), key=lambda item: max(item[1])[0]):
+        rate, cpu_ms = max(rounds)
+        label = f"{name} (baseline)" if name == "sequential urllib + full Pillow decode" else name
+        every = ", ".join(f"{r:.0f}" for r, _ in rounds)
+        print(f"{label:58} {rate:9.1f} {rate / baseline:5.1f}x {cpu_ms:20.2f}  {every}")
+
+
+if __name__ == "__main__":
+    main()
