@@ -1,0 +1,193 @@
+"""The resumable caption run: read the kept images, run the captioners in order (each
+image captioner only on images its cache lacks), combine, write, export, report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from postertune.atomic import write_parquet
+from postertune.caption.blip import BlipCaptioner
+from postertune.caption.cache import CaptionCache, CaptionRecord
+from postertune.caption.combine import combine_captions
+from postertune.caption.export import export_dataset
+from postertune.caption.metadata import render_template
+from postertune.caption.params import CaptionParams, MetadataParams, template_fields
+from postertune.caption.report import caption_metrics
+from postertune.caption.wd14 import Wd14Tagger
+from postertune.errors import PipelineError
+from postertune.imagesafe import ImageRejected, load_image
+from postertune.params import ParamError
+from postertune.store import ShardStore
+
+REQUIRED_COLUMNS = ("sha256", "width", "height")
+
+
+@dataclass(frozen=True)
+class CaptionPaths:
+    images: Path = Path("data/filtered/images.parquet")
+    store: Path = Path("data/raw/shards")
+    output: Path = Path("data/captions/captions.parquet")
+    cache: Path = Path("data/captions/cache")
+    export: Path = Path("data/captions/export")
+
+
+@dataclass
+class CaptionReport:
+    metrics: dict
+    computed: dict[str, int] = field(default_factory=dict)  # images each image captioner ran on (not cached)
+
+
+class ImageCaptioner(Protocol):
+    name: str
+    batch_size: int
+    image_size: int
+
+    def caption(self, shas: list[str], images: list[Image.Image]) -> list[CaptionRecord]: ...
+
+
+def read_images(path: Path) -> pd.DataFrame:
+    try:
+        table = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found (the filter stage writes it)") from None
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise PipelineError(f"{path}: unreadable Parquet ({type(exc).__name__})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column {missing[0]!r}")
+    empty = table["sha256"].isna() | (table["sha256"].astype(str).str.len() == 0)
+    if empty.any():
+        raise PipelineError(f"{path}: row {int(empty.to_numpy().argmax())}: sha256 is empty")
+    repeated = table["sha256"].duplicated()
+    if repeated.any():
+        row = int(repeated.to_numpy().argmax())
+        raise PipelineError(f"{path}: row {row}: sha256 {table['sha256'].iloc[row]} appears twice")
+    return table.reset_index(drop=True)
+
+
+def check_columns(table: pd.DataFrame, params: CaptionParams, path: Path) -> None:
+    """Every column the params name must exist, before any model is loaded."""
+    columns = set(table.columns)
+    if "metadata" in params.captioners:
+        for key in ("template", "long_template"):
+            for name in template_fields(getattr(params.metadata, key)):
+                if name not in columns:
+                    raise ParamError(f"caption.metadata.{key}", f"field {{{name}}} is not a column of {path}")
+    for name in params.combine.tag_columns:
+        if name not in columns:
+            raise ParamError("caption.combine.tag_columns", f"{name!r} is not a column of {path}")
+    if params.export.images and "format" not in columns:
+        raise ParamError("caption.export.images", f"{path} has no 'format' column to name the image files by")
+
+
+def caption_metadata(table: pd.DataFrame, params: MetadataParams) -> dict[str, CaptionRecord]:
+    records = {}
+    for row in table.to_dict("records"):
+        sha = row["sha256"]
+        short = render_template(params.template, row) or None
+        long = render_template(params.long_template, row) or None
+        records[sha] = CaptionRecord(sha, short, long) if short or long else CaptionRecord(sha, skip="empty_metadata")
+    return records
+
+
+def _decode(data: bytes, max_pixels: int, size: int) -> Image.Image | str:
+    try:
+        return load_image(data, max_pixels, draft=(size, size))
+    except ImageRejected as exc:
+        return exc.reason
+
+
+def _decoded_chunks(
+    shas: list[str], chunk_size: int, read: Callable[[str], bytes | None], decode: Callable[[bytes], object], pool
+) -> Iterator[list[tuple[str, Future | str]]]:
+    """Chunks of (sha, decoding future or skip reason); the next chunk decodes while
+    the caller captions this one."""
+    ahead = None
+    for start in range(0, len(shas), chunk_size):
+        chunk = []
+        for sha in shas[start : start + chunk_size]:
+            data = read(sha)
+            chunk.append((sha, pool.submit(decode, data) if data is not None else "missing_image"))
+        if ahead is not None:
+            yield ahead
+        ahead = chunk
+    if ahead is not None:
+        yield ahead
+
+
+def caption_images(
+    load: Callable[[], ImageCaptioner], cache: CaptionCache, shas: list[str], store: ShardStore, params: CaptionParams
+) -> int:
+    """Caption the images ``cache`` lacks, saving each chunk; returns how many ran."""
+    pending = [sha for sha in shas if sha not in cache]
+    if not pending:
+        return 0
+    if len(store) == 0:  # also builds the shard index once, before the decoding threads start
+        raise PipelineError(f"{store.root}: no image shards to caption (run the fetch stage or dvc pull)")
+    captioner = load()
+
+    def read(sha: str) -> bytes | None:
+        return store.read(sha) if sha in store else None
+
+    def decode(data: bytes) -> Image.Image | str:
+        return _decode(data, params.max_pixels, captioner.image_size)
+
+    with (
+        ThreadPoolExecutor(params.workers) as pool,
+        tqdm(total=len(pending), desc=f"caption {captioner.name}", unit="img") as bar,
+    ):
+        for chunk in _decoded_chunks(pending, params.chunk_size, read, decode, pool):
+            records, good = [], []
+            for sha, job in chunk:
+                result = job.result() if isinstance(job, Future) else job
+                if isinstance(result, str):
+                    records.append(CaptionRecord(sha, skip=result, bad_image=True))
+                else:
+                    good.append((sha, result))
+            for start in range(0, len(good), captioner.batch_size):
+                batch = good[start : start + captioner.batch_size]
+                records.extend(captioner.caption([s for s, _ in batch], [image for _, image in batch]))
+            cache.add(records)
+            bar.update(len(chunk))
+    cache.compact()
+    return len(pending)
+
+
+def _loader(name: str, params: CaptionParams) -> tuple[Callable[[], ImageCaptioner], dict]:
+    """A deferred model load (only when there is work) and the settings that key the cache."""
+    if name == "blip":
+        return (lambda: BlipCaptioner(params.blip)), params.blip.settings()
+    return (lambda: Wd14Tagger(params.wd14)), params.wd14.settings()
+
+
+def run_caption(params: CaptionParams, paths: CaptionPaths = CaptionPaths()) -> CaptionReport:
+    table = read_images(paths.images)
+    check_columns(table, params, paths.images)
+    shas = table["sha256"].tolist()
+    paths.cache.mkdir(parents=True, exist_ok=True)  # a DVC output even when no image captioner runs
+    store = ShardStore(paths.store)
+    results: dict[str, dict[str, CaptionRecord]] = {}
+    computed: dict[str, int] = {}
+    try:
+        for name in params.captioners:
+            if name == "metadata":
+                results[name] = caption_metadata(table, params.metadata)
+                continue
+            load, settings = _loader(name, params)
+            cache = CaptionCache(paths.cache, name, settings)
+            computed[name] = caption_images(load, cache, shas, store, params)
+            results[name] = {sha: cache.records[sha] for sha in shas}
+        captions = combine_captions(table, results, params.combine)
+        write_parquet(paths.output, captions)
+        export_dataset(paths.export, captions, params.export, store)
+    finally:
+        store.close()
+    return CaptionReport(caption_metrics(len(table), captions, results), computed)
