@@ -22,7 +22,7 @@ def main() -> None:
             "images": report.images,
             "rendered": result.rendered,
             "reused": result.reused,
-            "seconds_per_image": result.seconds / result.rendered if result.rendered else 0.0,
+            "render_seconds": round(result.seconds, 1),
         },
     )
 

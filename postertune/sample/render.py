@@ -75,7 +75,7 @@ class Job:
 class RenderResult:
     rendered: int
     reused: int
-    seconds: float
+    seconds: float  # wall time of loading models and rendering
 
 
 def plan_jobs(
@@ -101,7 +101,7 @@ def truncation_warnings(jobs: list[Job]) -> list[str]:
         texts.setdefault(("negative prompt", job.prompt.id), job.negative_prompt)
     warnings = []
     for (kind, prompt_id), text in texts.items():
-        count = len(tokenizer(text).input_ids)
+        count = len(tokenizer(text, verbose=False).input_ids)
         if count > tokenizer.model_max_length:
             warnings.append(
                 f"{kind} of {prompt_id} is {count} tokens; only the first {tokenizer.model_max_length} count"
@@ -163,7 +163,7 @@ def render_jobs(jobs: list[Job], params: SampleParams) -> RenderResult:
                 done[job.path] = job.row(hashlib.sha256(data).hexdigest())
                 save_manifest()
                 bar.update()
-            del pipe
+            del pipe  # free this model before the next one loads
     prune(output, {job.path for job in jobs})
     return RenderResult(rendered=len(todo), reused=len(jobs) - len(todo), seconds=time.monotonic() - started)
 
