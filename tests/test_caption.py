@@ -8,8 +8,6 @@ import copy
 import io
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import torch
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
-from pipeline_repo import PROJECT, PipelineRepo, tool_env
+from pipeline_repo import PipelineRepo
 from transformers import (
     BertTokenizerFast,
     BlipConfig,
@@ -370,6 +368,8 @@ def test_run_writes_captions_exports_and_metrics(dataset, blip_dir, wd14_files):
     assert m["tokens"]["caption_max"] == max(short_tokens)
     assert m["truncated"] == {"caption": 0, "caption_long": 0}
     assert report.computed == {"wd14": 5, "blip": 5}
+    current = json.loads((dataset.paths.cache / "current.json").read_text())
+    assert set(current) == {"wd14", "blip"} and all((dataset.paths.cache / f).is_dir() for f in current.values())
 
     export = dataset.paths.export
     kohya = json.loads((export / KOHYA_FILE).read_text())
@@ -492,25 +492,7 @@ def test_unknown_column_in_params_is_named_before_any_model_loads(dataset):
 
 
 @pytest.mark.slow
-def test_stage_process_reports_a_missing_model_in_one_line_and_keeps_outputs(dataset, blip_dir, wd14_files):
-    run_caption(full_params(blip_dir, wd14_files, captioners=["wd14", "metadata"]), dataset.paths)
-    output = dataset.paths.output.read_bytes()
-    params = {"caption": {"captioners": ["wd14", "metadata"]}}  # wd14.model left at its default path
-    (dataset.root / "params.yaml").write_text(yaml.safe_dump(params))
-    failed = subprocess.run(
-        [sys.executable, "-m", "stages.caption"],
-        cwd=dataset.root, env=tool_env(PYTHONPATH=str(PROJECT)), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert failed.returncode == 2
-    assert failed.stderr.strip().splitlines()[-1] == (
-        "caption: error: param caption.wd14.model: models/wd14/model.onnx not found"
-    )
-    assert dataset.paths.output.read_bytes() == output
-    assert not (dataset.root / "metrics").exists()
-
-
-@pytest.mark.slow
-def test_dvc_repro_of_the_caption_stage(tmp_path):
+def test_dvc_repro_keeps_the_cache_and_reports_a_missing_model_in_one_line(tmp_path, wd14_files):
     repo = PipelineRepo.copy_of_project(tmp_path / "repo")
     make_dataset(tmp_path / "inputs")
     for rel in ("data/filtered/images.parquet", "data/raw/shards"):
@@ -519,11 +501,30 @@ def test_dvc_repro_of_the_caption_stage(tmp_path):
         target.unlink(missing_ok=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(tmp_path / "inputs" / rel, target)
+    (repo.root / "models/wd14").mkdir(parents=True)
+    for source in wd14_files:
+        shutil.copy(source, repo.root / "models/wd14" / source.name)
+
+    def set_caption_params(**values) -> None:
+        params = yaml.safe_load((repo.root / "params.yaml").read_text())
+        params["caption"].update(values)
+        (repo.root / "params.yaml").write_text(yaml.safe_dump(params))
+
+    set_caption_params(captioners=["wd14", "metadata"])
     repo.dvc("repro", "--single-item", "caption")
     lock = yaml.safe_load((repo.root / "dvc.lock").read_text())["stages"]["caption"]
-    assert {o["path"] for o in lock["outs"]} >= {
-        "data/captions/captions.parquet", "data/captions/cache", "data/captions/export",
+    assert {o["path"] for o in lock["outs"]} == {
+        "data/captions/captions.parquet", "data/captions/cache", "data/captions/export", "metrics/caption.json",
     }  # fmt: skip
-    assert json.loads((repo.root / "metrics/caption.json").read_text())["captioned"] == 4
-    again = repo.dvc("repro", "--single-item", "caption")
-    assert "didn't change" in again.stdout
+    assert json.loads((repo.root / "metrics/caption.json").read_text())["captioned"] == 3
+    assert "didn't change" in repo.dvc("repro", "--single-item", "caption").stdout
+    cache = repo.root / "data/captions/cache"
+    cached = sorted(cache.iterdir())
+
+    (repo.root / "models/wd14/model.onnx").unlink()
+    set_caption_params(captioners=["wd14", "metadata"], wd14={"general_threshold": 0.5})
+    failed = repo.dvc("repro", "--single-item", "caption", check=False)
+    assert failed.returncode != 0
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("caption: error:")]
+    assert errors == ["caption: error: param caption.wd14.model: models/wd14/model.onnx not found"]
+    assert sorted(cache.iterdir()) == cached  # persisted: a failed run keeps every cached caption

@@ -4,7 +4,8 @@ by a hash of the captioner's settings, so a rerun captions only what is new.
 Each settings hash has its own folder of Parquet parts; every chunk of work is one
 part written atomically, so a killed run keeps every finished chunk. ``compact``
 folds the parts into one when a captioner finishes. Old settings keep their folder,
-so switching back to them costs nothing.
+so switching back to them costs nothing; ``current.json`` beside the folders names
+the ones the last run used.
 """
 
 from __future__ import annotations

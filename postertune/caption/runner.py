@@ -13,7 +13,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from postertune.atomic import write_parquet
+from postertune.atomic import write_json, write_parquet
 from postertune.caption.blip import BlipCaptioner
 from postertune.caption.cache import CaptionCache, CaptionRecord
 from postertune.caption.combine import combine_captions
@@ -28,6 +28,7 @@ from postertune.params import ParamError
 from postertune.store import ShardStore
 
 REQUIRED_COLUMNS = ("sha256", "width", "height")
+CURRENT_CACHES = "current.json"
 
 
 @dataclass(frozen=True)
@@ -172,10 +173,10 @@ def run_caption(params: CaptionParams, paths: CaptionPaths = CaptionPaths()) -> 
     table = read_images(paths.images)
     check_columns(table, params, paths.images)
     shas = table["sha256"].tolist()
-    paths.cache.mkdir(parents=True, exist_ok=True)  # a DVC output even when no image captioner runs
     store = ShardStore(paths.store)
     results: dict[str, dict[str, CaptionRecord]] = {}
     computed: dict[str, int] = {}
+    current: dict[str, str] = {}  # captioner -> the cache folder this run's settings use
     try:
         for name in params.captioners:
             if name == "metadata":
@@ -185,6 +186,8 @@ def run_caption(params: CaptionParams, paths: CaptionPaths = CaptionPaths()) -> 
             cache = CaptionCache(paths.cache, name, settings)
             computed[name] = caption_images(load, cache, shas, store, params)
             results[name] = {sha: cache.records[sha] for sha in shas}
+            current[name] = cache.folder.name
+        write_json(paths.cache / CURRENT_CACHES, current)
         captions = combine_captions(table, results, params.combine)
         write_parquet(paths.output, captions)
         export_dataset(paths.export, captions, params.export, store)
