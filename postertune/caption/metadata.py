@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 _MISSING_STRINGS = {"", "nan", "none", "null", "<na>", "n/a", "[]"}
-_SEPARATOR_TAIL = re.compile(r"[\s,;:/|·-]*$")
 _LEADING_JUNK = re.compile(r"^[\s,;:/|·.-]+")
 _TRAILING_JUNK = re.compile(r"[\s,;:/|·-]+$")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
@@ -98,7 +97,7 @@ def render_template(template: str, row: Mapping[str, object]) -> str:
             continue
         value = as_text(row.get(name))
         if value is None:
-            pieces[-1] = _SEPARATOR_TAIL.sub("", literal) + (" " if literal[:1].isspace() else "")
+            pieces[-1] = _TRAILING_JUNK.sub("", literal) + (" " if literal[:1].isspace() else "")
         else:
             found = True
             pieces.append(value)

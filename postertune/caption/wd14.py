@@ -95,10 +95,9 @@ class Wd14Tagger:
             if not Path(path).is_file():
                 raise ParamError(f"caption.wd14.{key}", f"{path} not found")
         self.vocab = read_selected_tags(params.tags_csv)
+        providers = onnx_providers(params.device)
         try:
-            self.session = ort.InferenceSession(str(params.model), providers=onnx_providers(params.device))
-        except ParamError:
-            raise
+            self.session = ort.InferenceSession(str(params.model), providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PipelineError(f"{params.model}: not a loadable ONNX model ({reason})") from None
