@@ -43,18 +43,18 @@ class FetchRun:
     seconds: float
 
 
-def verify(payload: Payload, max_pixels: int) -> tuple[Outcome, bytes | None]:
+def verify(payload: Payload, max_pixels: int) -> Outcome:
     """Hash and decode one payload (runs in a worker thread)."""
     if payload.data is None:
-        return Outcome(payload.url, reason=payload.reason), None
+        return Outcome(payload.url, reason=payload.reason)
     try:
         info = inspect_image(payload.data, max_pixels)
     except ImageRejected as exc:
-        return Outcome(payload.url, reason=exc.reason), None
+        return Outcome(payload.url, reason=exc.reason)
     image = StoredImage(
         payload.url, sha256_hex(payload.data), info.width, info.height, info.format, info.dpi, len(payload.data)
     )
-    return Outcome(payload.url, image), payload.data
+    return Outcome(payload.url, image)
 
 
 class ShardPublisher:
@@ -126,9 +126,9 @@ async def fetch_all(
                         payload = await http.get(job[0])
                     else:
                         payload = await asyncio.to_thread(read_file, job[0], job[1], params.max_bytes)
-                    outcome, data = await loop.run_in_executor(decoders, verify, payload, params.max_pixels)
-                    if outcome.image is not None and data is not None:
-                        publisher.add(outcome.image, data)
+                    outcome = await loop.run_in_executor(decoders, verify, payload, params.max_pixels)
+                    if outcome.image is not None and payload.data is not None:
+                        publisher.add(outcome.image, payload.data)
                     on_outcome(outcome)
 
             async def feed() -> None:
