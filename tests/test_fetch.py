@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import email.utils
 import io
+import ipaddress
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -24,6 +26,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from PIL import Image
 
 from postertune.errors import PipelineError
@@ -86,7 +92,7 @@ class Gauge:
 class FaultServer:
     """``routes`` maps a path to a responder called with the handler and the request number."""
 
-    def __init__(self, routes: dict[str, Responder], gauge: Gauge | None = None):
+    def __init__(self, routes: dict[str, Responder], gauge: Gauge | None = None, tls: ssl.SSLContext | None = None):
         self.routes = routes
         self.counts: Counter[str] = Counter()
         self.times: dict[str, list[float]] = defaultdict(list)
@@ -115,7 +121,9 @@ class FaultServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> FaultServer:
@@ -195,6 +203,30 @@ def endless(handler: BaseHTTPRequestHandler, n: int) -> None:
 
 def redirect(location: str) -> Responder:
     return lambda handler, n: send(handler, 302, b"", {"Location": location})
+
+
+def self_signed_tls(folder: Path) -> ssl.SSLContext:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    return context
 
 
 def closed_port() -> int:
@@ -334,6 +366,14 @@ def test_faults_each_get_their_reason_and_good_images_arrive_intact(tmp_path):
     assert metrics["distinct_images"] == 9
     # three tries at the closed port, and a retry whenever a kept-alive connection was found closed
     assert metrics["run"]["requests"] >= sum(server.counts.values()) + 3
+
+
+def test_tls_certificates_are_verified(tmp_path):
+    """The guide turns verification off; here a self-signed certificate fails, and is not retried."""
+    with FaultServer({"/p.jpg": image(poster(1))}, tls=self_signed_tls(tmp_path)) as server:
+        table, metrics = fetch(tmp_path, table_params(url_table(tmp_path / "urls.csv", [server.url + "/p.jpg"])))
+    assert table["reason"].tolist() == ["tls_error"]
+    assert metrics["run"]["requests"] == 1 and not server.counts
 
 
 def test_retry_after_reads_seconds_and_http_dates():

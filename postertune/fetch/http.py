@@ -97,16 +97,20 @@ class HttpClient:
             raise _Retryable("incomplete_body") from None
         except aiohttp.InvalidURL:
             raise _Failed("invalid_url") from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientResponseError):
+        except aiohttp.ClientSSLError:
+            raise _Failed("tls_error") from None  # a bad certificate does not heal on retry
+        except aiohttp.ClientError:
             raise _Retryable("connection_error") from None
 
     def _next_hop(self, response: aiohttp.ClientResponse) -> str:
         location = response.headers.get("Location")
         if not location:
             raise _Failed(f"http_{response.status}")
-        target = str(response.url.join(URL(location)))
         try:
+            target = str(response.url.join(URL(location)))
             check_redirect(target, self.params.allowed_schemes)
+        except ValueError:
+            raise _Failed("invalid_redirect") from None
         except UrlRejected as exc:
             raise _Failed(exc.reason) from None
         return target
