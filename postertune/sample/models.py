@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from diffusers import StableDiffusionXLPipeline
@@ -13,6 +12,7 @@ from postertune.models.precision import Precision, torch_dtype
 from postertune.models.sources import ModelSource, validate_model_source
 from postertune.params import ParamError
 from postertune.sample.params import SampledModel
+from postertune.train.fingerprint import fingerprint_json
 
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx"}
 
@@ -56,21 +56,32 @@ def content_hash(path: Path, weights: bool = True) -> str:
     return digest.hexdigest()
 
 
-def source_hash(value: str, weights: bool = True) -> str:
-    """Local sources by content; ``tiny`` and hub ids by name (pin a hub model's exact
-    revision by pointing at a local copy)."""
-    path = Path(value).expanduser()
-    return content_hash(path, weights) if path.exists() else f"name:{value}"
+def fingerprints(models: list[SampledModel]) -> dict[str, str]:
+    """Per model, a hash of the weights it renders with: same fingerprint, same images.
 
+    Local sources count by content (each hashed once, however many models share it);
+    ``tiny`` and hub ids by name (pin a hub model's exact revision by pointing at a local copy).
+    """
+    hashed: dict[tuple[str, bool], str] = {}
 
-def fingerprint(model: SampledModel) -> str:
-    """Identifies the weights a model renders with: same fingerprint, same images."""
-    parts = {"base": source_hash(model.base)}
-    if model.unet is not None:
-        parts["unet"] = content_hash(model.unet)
-    if model.single_file_config is not None:
-        parts["single_file_config"] = source_hash(model.single_file_config, weights=False)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    def source_hash(value: str | Path, weights: bool = True) -> str:
+        path = Path(value).expanduser()
+        if not path.exists():
+            return f"name:{value}"
+        key = (str(path.resolve()), weights)
+        if key not in hashed:
+            hashed[key] = content_hash(path, weights)
+        return hashed[key]
+
+    result = {}
+    for model in models:
+        parts = {"base": source_hash(model.base)}
+        if model.unet is not None:
+            parts["unet"] = source_hash(model.unet)
+        if model.single_file_config is not None:
+            parts["single_file_config"] = source_hash(model.single_file_config, weights=False)
+        result[model.name] = fingerprint_json(parts)
+    return result
 
 
 def load_model(model: SampledModel, precision: Precision, device: str) -> StableDiffusionXLPipeline:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +28,14 @@ from postertune.sample.models import load_model
 from postertune.sample.params import SampleParams
 from postertune.sample.prompts import Prompt, combine_negative
 from postertune.sample.schedulers import make_scheduler
+from postertune.train.fingerprint import fingerprint_json
 
 IMAGES_DIR = "images"
 GRIDS_DIR = "grids"
 
 
 def short_hash(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint_json(value)[:16]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from postertune.sample.models import check_models, fingerprint
+from postertune.sample.models import check_models, fingerprints
 from postertune.sample.params import SampleParams
 from postertune.sample.prompts import check_preset_names, load_presets, load_prompts, select_prompts
 from postertune.sample.render import RenderResult, plan_jobs, render_jobs, truncation_warnings, write_grids
@@ -26,8 +26,7 @@ def sample(params: SampleParams) -> SampleReport:
     check_preset_names(params.negative, presets, "param sample.negative")
     prompts = select_prompts(load_prompts(params.prompts, presets), params.prompt_ids, "param sample.prompt_ids")
 
-    hashes = {model.name: fingerprint(model) for model in params.models}
-    jobs = plan_jobs(params, hashes, prompts, presets)
+    jobs = plan_jobs(params, fingerprints(params.models), prompts, presets)
     warnings = truncation_warnings(jobs)
     result = render_jobs(jobs, params)
     return SampleReport(len(jobs), result, write_grids(jobs, params), warnings)
