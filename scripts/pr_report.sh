@@ -42,7 +42,7 @@ echo "## Training curves" >>"$report"
 echo >>"$report"
 for target in $(dvc plots show --json 2>/dev/null | python -c '
 import json, sys
-data = json.load(sys.stdin)
+data = json.load(sys.stdin)["data"]
 for name, entries in data.items():
     if any(e.get("type") == "vega" for e in entries):
         print(name)
