@@ -1,14 +1,16 @@
 """64-bit perceptual hashes of stored images, computed in parallel and cached.
 
 pHash (imagehash.phash: the signs of the 8x8 lowest DCT frequencies of a 32x32 grey
-image) rather than dHash: low frequencies survive JPEG re-encoding, rescaling and small
-crops, while dHash compares neighbouring pixels, whose order flips on the flat gradients
-posters are full of. On the demo posters a re-encode at quality 30 moves pHash by at most
-2 bits and dHash by up to 18, and distinct posters come as close as 5 bits under dHash.
+image, against their median) rather than dHash: low frequencies survive JPEG
+re-encoding, rescaling and small crops, while dHash compares neighbouring pixels, whose
+order flips on the flat gradients posters are full of. On 60 synthetic posters drawn
+like the demo set, a re-encode at quality 30 moved pHash by at most 2 bits but dHash by
+up to 18, and two different posters came as close as 5 bits under dHash (18 under pHash).
 
 A JPEG is decoded with DCT scaling (draft mode) straight to at least twice the 32-pixel
-hash input, which skips most of the decode work and changes the hash by a bit or two
-at most; every byte is still read, so a damaged file is still caught.
+hash input, which skips most of the decode work; the hash moves by a few bits at most
+against a full decode (0-4 on 300 synthetic posters), and every image is hashed the same
+way. Every byte is still read, so a damaged file is still caught.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import pandas as pd
+import scipy.fftpack  # noqa: F401  imagehash.phash imports it on first use: here, forked workers inherit it
 
 from postertune.atomic import write_parquet
 from postertune.imagesafe import DEFAULT_MAX_PIXELS, ImageRejected, load_image

@@ -123,8 +123,8 @@ def _verified(sorted_hashes, queries, buckets, starts, sizes, max_distance: int)
         part_ends = np.cumsum(part_sizes)
         offsets = starts[buckets[part]] - (part_ends - part_sizes)
         targets = np.repeat(offsets, part_sizes) + np.arange(part_ends[-1])
-        distance = hamming(np.repeat(sorted_hashes[queries[part]], part_sizes), sorted_hashes[targets])
-        close = np.flatnonzero(distance <= max_distance)
+        differing = np.bitwise_xor(np.repeat(sorted_hashes[queries[part]], part_sizes), sorted_hashes[targets])
+        close = np.flatnonzero(np.bitwise_count(differing) <= max_distance)
         query = queries[part][np.searchsorted(part_ends, close, side="right")]
         target = targets[close]
         keep = query < target
