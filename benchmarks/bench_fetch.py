@@ -117,11 +117,18 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measured(count: int, work: Callable[[], None]) -> tuple[float, float]:
-    """Run ``work``; return images/s and client CPU milliseconds per image."""
-    cpu, start = cpu_seconds(), time.perf_counter()
+def server_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def measured(count: int, work: Callable[[], None], server_pid: int) -> tuple[float, float, float]:
+    """Run ``work``; return images/s and the client's and server's CPU milliseconds per image."""
+    cpu, server, start = cpu_seconds(), server_cpu_seconds(server_pid), time.perf_counter()
     work()
-    return count / (time.perf_counter() - start), 1000 * (cpu_seconds() - cpu) / count
+    seconds = time.perf_counter() - start
+    client_ms = 1000 * (cpu_seconds() - cpu) / count
+    return count / seconds, client_ms, 1000 * (server_cpu_seconds(server_pid) - server) / count
 
 
 def naive_loop(urls: list[str], check: Callable[[bytes], object]) -> None:
@@ -149,44 +156,50 @@ def stage_run(urls: list[str], work: Path, overrides: dict) -> None:
     assert (fetched["status"] == "ok").all(), fetched["reason"].value_counts()
 
 
+def fresh_stage_run(urls: list[str], overrides: dict) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-fetch-"))
+    try:
+        stage_run(urls, work, overrides)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3, help="each method runs this often; the best round counts")
+    parser.add_argument("--rounds", type=int, default=5, help="every method runs once per round; medians are shown")
     parser.add_argument("--max-connections", type=int, default=32)
     parser.add_argument("--max-connections-per-host", type=int, default=32)
     parser.add_argument("--decode-workers", type=int, default=2)
     args = parser.parse_args()
 
     folder = poster_folder(args.images)
-    sizes = [p.stat().st_size for p in folder.glob("*.jpg")]
+    paths = sorted(folder.glob("*.jpg"))
+    sizes = [p.stat().st_size for p in paths]
     port = free_port()
     server = multiprocessing.get_context("spawn").Process(target=serve, args=(folder, port), daemon=True)
     server.start()
+    urls = [f"http://127.0.0.1:{port}/{p.name}" for p in paths]
     overrides = {
         "max_connections": args.max_connections,
         "max_connections_per_host": args.max_connections_per_host,
         "decode_workers": args.decode_workers,
     }
-    stage_name = (
+    baseline = "sequential urllib + full Pillow decode (baseline)"
+    methods = {
+        baseline: partial(naive_loop, urls, full_decode),
+        "sequential urllib + inspect_image (draft decode)": partial(naive_loop, urls, inspect_image),
         f"fetch stage (run_fetch, {args.max_connections} conn, {args.max_connections_per_host}/host, "
-        f"{args.decode_workers} decoders)"
-    )
-    results: dict[str, list[tuple[float, float]]] = {}
+        f"{args.decode_workers} decoders)": partial(fresh_stage_run, urls, overrides),
+    }
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in methods}
     loads = []
     try:
-        urls = [f"http://127.0.0.1:{port}/{p.name}" for p in sorted(folder.glob("*.jpg"))]
         wait_for(urls[0])
-        for _ in range(args.rounds):  # interleaved, so a burst of load elsewhere hits every method alike
-            work = Path(tempfile.mkdtemp(prefix="bench-fetch-"))
-            try:
-                run = partial(stage_run, urls, work, overrides)
-                results.setdefault(stage_name, []).append(measured(len(urls), run))
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-            for name, check in [("full Pillow decode", full_decode), ("inspect_image (draft decode)", inspect_image)]:
-                key = f"sequential urllib + {name}"
-                results.setdefault(key, []).append(measured(len(urls), partial(naive_loop, urls, check)))
+        # methods take turns within each round, so a burst of load elsewhere hits them alike
+        for _ in range(args.rounds):
+            for name, method in methods.items():
+                results[name].append(measured(len(urls), method, server.pid))
             loads.append(os.getloadavg()[0])
     finally:
         server.terminate()
@@ -195,15 +208,16 @@ def main() -> None:
     print(
         f"{args.images} posters, {WIDTH}x{HEIGHT} JPEG, {min(sizes) / 1e3:.0f}-{max(sizes) / 1e3:.0f} KB "
         f"(mean {np.mean(sizes) / 1e3:.0f} KB); loopback aiohttp server in its own process; "
-        f"{os.cpu_count()} cores, 1-min load average {min(loads):.1f}-{max(loads):.1f}; best of {args.rounds} rounds"
+        f"{os.cpu_count()} cores, 1-min load average {min(loads):.1f}-{max(loads):.1f}; medians of {args.rounds} rounds"
     )
-    baseline = max(results["sequential urllib + full Pillow decode"])[0]
-    print(f"{'method':58} {'images/s':>9} {'ratio':>6} {'client CPU ms/image':>20}  all rounds, images/s")
-    for name, rounds in sorted(results.items(), key=lambda item: max(item[1])[0]):
-        rate, cpu_ms = max(rounds)
-        label = f"{name} (baseline)" if name == "sequential urllib + full Pillow decode" else name
-        every = ", ".join(f"{r:.0f}" for r, _ in rounds)
-        print(f"{label:58} {rate:9.1f} {rate / baseline:5.1f}x {cpu_ms:20.2f}  {every}")
+    print(f"{'method':58} {'images/s':>9} {'ratio':>6} {'CPU ms/image client+server':>27}  images/s per round")
+    for name, rounds in results.items():
+        rates = [rate for rate, _, _ in rounds]
+        ratios = [rate / base for rate, (base, _, _) in zip(rates, results[baseline], strict=True)]
+        client_ms, server_ms = (np.median([r[i] for r in rounds]) for i in (1, 2))
+        every = ", ".join(f"{r:.0f}" for r in rates)
+        cpu = f"{client_ms:.2f} + {server_ms:.2f}"
+        print(f"{name:58} {np.median(rates):9.1f} {np.median(ratios):5.1f}x {cpu:>27}  {every}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from PIL import Image
 
 from postertune.errors import PipelineError
 from postertune.fetch.http import retry_after_seconds
-from postertune.fetch.journal import JOURNAL_NAME
 from postertune.fetch.params import FetchParams, SourceParams
 from postertune.fetch.runner import run_fetch
 from postertune.fetch.sources import read_source
@@ -404,13 +403,22 @@ def test_rerun_fetches_nothing_already_stored(tmp_path):
     images = {f"/p{i}.jpg": poster(i) for i in range(6)}
     with FaultServer({**{p: image(data) for p, data in images.items()}, "/gone.jpg": status(404)}) as server:
         urls = [server.url + p for p in [*images, "/gone.jpg"]]
-        raw = table_params(url_table(tmp_path / "urls.csv", urls))
+        raw = table_params(url_table(tmp_path / "urls.csv", urls), max_connections=1)  # shards in URL order
         first_table, _ = fetch(tmp_path, raw)
         server.counts.clear()
         second_table, metrics = fetch(tmp_path, raw)
-    pd.testing.assert_frame_equal(first_table, second_table)
-    assert dict(server.counts) == {"/gone.jpg": 1}  # failures are asked again, stored images are not
-    assert metrics["run"]["urls_reused"] == 6 and metrics["run"]["urls_fetched"] == 1
+        pd.testing.assert_frame_equal(first_table, second_table)
+        assert dict(server.counts) == {"/gone.jpg": 1}  # failures are asked again, stored images are not
+        assert metrics["run"]["urls_reused"] == 6 and metrics["run"]["urls_fetched"] == 1
+
+        # a kill after a journal segment was written but before its shard was published
+        shards = tmp_path / "shards"
+        assert [p.name for p in sorted(shards.glob("shard-*.tar"))] == ["shard-00000.tar", "shard-00001.tar"]
+        (shards / "shard-00001.tar").unlink()
+        server.counts.clear()
+        third_table, _ = fetch(tmp_path, raw)
+    pd.testing.assert_frame_equal(first_table, third_table)
+    assert dict(server.counts) == {"/p4.jpg": 1, "/p5.jpg": 1, "/gone.jpg": 1}
 
 
 @pytest.mark.slow
@@ -497,7 +505,7 @@ def test_archive_source_is_read_in_memory_and_checked(tmp_path, kind):
     }
     with ShardStore(work / "shards") as store:
         assert store.read(sha256_hex(members["../escape.jpg"])) == members["../escape.jpg"]
-    assert sorted(p.name for p in (work / "shards").iterdir()) == [JOURNAL_NAME, "shard-00000.tar"]
+    assert sorted(p.name for p in (work / "shards").iterdir()) == ["journal-00000.parquet", "shard-00000.tar"]
     assert metrics["status"] == {"ok": 3, "failed": 2}
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from postertune.fetch.http import HttpClient
-from postertune.fetch.journal import StoredImage, save_journal
+from postertune.fetch.journal import Journal, StoredImage
 from postertune.fetch.local import Payload, read_archive, read_file
 from postertune.fetch.params import FetchParams
 from postertune.fetch.urls import local_target, scheme_of
@@ -60,22 +60,21 @@ def verify(payload: Payload, max_pixels: int) -> Outcome:
 class ShardPublisher:
     """Adds images to the open shard and publishes it when full or old enough.
 
-    The journal is written before the shard is renamed into place, so a published shard
-    is always covered by the journal, whatever moment the process is killed at.
+    The journal segment is written before the shard is renamed into place, so a published
+    shard is always covered by the journal, whatever moment the process is killed at.
     """
 
-    def __init__(self, root: Path, journal: dict[str, StoredImage], stored: set[str], params: FetchParams):
+    def __init__(self, root: Path, stored: set[str], params: FetchParams):
         unbounded = dict(max_images=1 << 62, max_bytes=1 << 62, max_seconds=float("inf"))
         self.writer = ShardWriter(root, **unbounded)  # this class decides when a shard closes
         self.writer.written.update(stored)
-        self.root, self.journal, self.params = root, journal, params
+        self.journal, self.params = Journal(root), params
+        self.pending: list[StoredImage] = []
         self.open_images = self.open_bytes = 0
         self.opened_at = 0.0
-        self.dirty = False
 
     def add(self, image: StoredImage, data: bytes) -> None:
-        self.journal[image.url] = image
-        self.dirty = True
+        self.pending.append(image)
         if image.sha256 in self.writer.written:
             return
         if self.open_images == 0:
@@ -91,12 +90,10 @@ class ShardPublisher:
             self.publish()
 
     def publish(self) -> None:
-        if not self.dirty:
-            return
-        save_journal(self.root, self.journal)
+        self.journal.append(self.pending)
         self.writer.flush()
+        self.pending = []
         self.open_images = self.open_bytes = 0
-        self.dirty = False
 
 
 async def fetch_all(
@@ -157,12 +154,10 @@ async def fetch_all(
             return http.attempts
 
 
-def run_fetch_engine(
-    urls: list[str], params: FetchParams, root: Path, journal: dict[str, StoredImage], stored: set[str]
-) -> FetchRun:
-    """Fetch ``urls`` into the store at ``root`` with a progress bar; publish every shard."""
+def run_fetch_engine(urls: list[str], params: FetchParams, root: Path, stored: set[str]) -> FetchRun:
+    """Fetch ``urls`` into the store at ``root`` (holding ``stored``) with a progress bar."""
     outcomes: dict[str, Outcome] = {}
-    publisher = ShardPublisher(root, journal, stored, params)
+    publisher = ShardPublisher(root, stored, params)
     start = time.perf_counter()
     with tqdm(total=len(urls), desc="fetch", unit="img", smoothing=0.05) as bar:
 

@@ -1,14 +1,18 @@
-"""What a previous run already stored: ``journal.parquet`` beside the shards, URL to image.
+"""What earlier runs already stored: journal segments beside the shards, URL to image.
 
-The journal is rewritten atomically before each shard is published, so after a kill at
-any moment every published shard's images are in it. Entries whose image never reached a
-published shard (killed between the two writes) are dropped on load and fetched again.
-Failures are not journalled: the next run asks again (a dead link may come back, a raised
-byte cap may admit an image).
+Before a shard is published, the images it adds are written as a new segment
+(``journal-NNNNN.parquet``, atomically), so after a kill at any moment every published
+shard's images are journalled. Entries whose image never reached a published shard
+(killed between the two writes) are dropped on load and fetched again. Segments are
+only ever added, so publishing costs the same on the first shard and the thousandth.
+Failures are not journalled: the next run asks again (a dead link may come back, a
+raised byte cap may admit an image).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -17,7 +21,7 @@ import pandas as pd
 from postertune.atomic import write_parquet
 from postertune.errors import PipelineError
 
-JOURNAL_NAME = "journal.parquet"
+SEGMENT = re.compile(r"^journal-(\d{5,})\.parquet$")
 
 
 @dataclass(frozen=True)
@@ -35,24 +39,35 @@ COLUMNS = [f.name for f in fields(StoredImage)]
 DTYPES = {"width": "int64", "height": "int64", "dpi": "float64", "bytes": "int64"}
 
 
-def load_journal(shards: Path, stored: set[str] | dict) -> dict[str, StoredImage]:
-    path = shards / JOURNAL_NAME
-    if not path.exists():
-        return {}
-    try:
-        frame = pd.read_parquet(path, columns=COLUMNS)
-    except Exception as exc:  # pyarrow raises several types on a damaged or foreign file
-        raise PipelineError(f"{path}: unreadable journal ({type(exc).__name__}); delete it to fetch again") from None
-    entries = {}
-    for record in frame.to_dict("records"):
-        if record["sha256"] in stored:
-            dpi = record["dpi"]
-            record["dpi"] = None if pd.isna(dpi) else float(dpi)
-            entries[record["url"]] = StoredImage(**record)
-    return entries
+class Journal:
+    def __init__(self, root: Path):
+        self.root = root
 
+    def segments(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if SEGMENT.match(p.name))
 
-def save_journal(shards: Path, entries: dict[str, StoredImage]) -> None:
-    images = entries.values()
-    frame = pd.DataFrame({column: [getattr(e, column) for e in images] for column in COLUMNS}).astype(DTYPES)
-    write_parquet(shards / JOURNAL_NAME, frame)
+    def load(self, stored: Collection[str]) -> dict[str, StoredImage]:
+        """Every journalled image whose sha256 is in ``stored`` (the published shards), by URL."""
+        entries = {}
+        for path in self.segments():
+            try:
+                frame = pd.read_parquet(path, columns=COLUMNS)
+            except Exception as exc:  # pyarrow raises several types on a damaged or foreign file
+                raise PipelineError(
+                    f"{path}: unreadable journal ({type(exc).__name__}); delete it to fetch again"
+                ) from None
+            for record in frame.to_dict("records"):
+                if record["sha256"] in stored:
+                    record["dpi"] = None if pd.isna(record["dpi"]) else float(record["dpi"])
+                    entries[record["url"]] = StoredImage(**record)
+        return entries
+
+    def append(self, images: list[StoredImage]) -> None:
+        if not images:
+            return
+        segments = self.segments()
+        number = int(SEGMENT.match(segments[-1].name).group(1)) + 1 if segments else 0
+        frame = pd.DataFrame({column: [getattr(e, column) for e in images] for column in COLUMNS}).astype(DTYPES)
+        write_parquet(self.root / f"journal-{number:05d}.parquet", frame)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from postertune.atomic import write_parquet
 from postertune.fetch.engine import Outcome, run_fetch_engine
-from postertune.fetch.journal import load_journal
+from postertune.fetch.journal import Journal
 from postertune.fetch.params import FetchParams
 from postertune.fetch.sources import Entry, read_source
 from postertune.fetch.urls import UrlRejected, check_url
@@ -31,7 +31,7 @@ def run_fetch(params: FetchParams, shards: Path, table_path: Path) -> dict:
     entries = [entry for _, rows in read for entry in rows.entries]
 
     stored = set(ShardStore(shards).index)
-    journal = load_journal(shards, stored)
+    journal = Journal(shards).load(stored)
     known: dict[str, Outcome] = {}
     to_fetch: dict[str, None] = {}  # insertion-ordered set
     reused = 0
@@ -47,7 +47,7 @@ def run_fetch(params: FetchParams, shards: Path, table_path: Path) -> dict:
         else:
             to_fetch[url] = None
 
-    run = run_fetch_engine(list(to_fetch), params, shards, journal, stored)
+    run = run_fetch_engine(list(to_fetch), params, shards, stored)
     known.update(run.outcomes)
     metadata_names = list(dict.fromkeys(name for source, _ in read for name in source.metadata_columns))
     table = build_table(entries, known, metadata_names)
