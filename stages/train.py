@@ -11,13 +11,15 @@ import logging
 from postertune.cli import run_stage
 from postertune.metrics import write_metrics
 from postertune.train.config import load_train_params
-from postertune.train.loop import train
 
 
 def main() -> None:
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("postertune").setLevel(logging.INFO)
-    metrics = train(load_train_params())
+    params = load_train_params()
+    from postertune.train.loop import train  # the heavy imports wait until the params are known good
+
+    metrics = train(params)
     if metrics is not None:
         write_metrics("train", metrics)
 

@@ -76,7 +76,8 @@ def training_step(
         accelerator.backward(loss)
         grad_norm = None
         if accelerator.sync_gradients and config.max_grad_norm:
-            grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm))
+            norm = accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+            grad_norm = None if norm is None else float(norm)  # DeepSpeed clips inside and reports none
         if not config.fused_backward_pass:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

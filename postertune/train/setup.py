@@ -1,0 +1,125 @@
+"""Before the first step: check params and data, start accelerate, place the models, fill the caches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from postertune.models.loading import SDXLComponents
+from postertune.models.sources import validate_model_source
+from postertune.params import ParamError
+from postertune.store import ShardStore
+from postertune.train.captions import CaptionPolicy
+from postertune.train.config import TrainParams, check_runtime
+from postertune.train.data import Example, plan_entries, read_examples, split_validation
+from postertune.train.latent_cache import LatentCache, LatentEntry, vae_cache_id
+from postertune.train.text import PromptEncoder, TextCache
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    train: list[Example]
+    validation: list[Example]
+
+
+def check_inputs(params: TrainParams) -> Inputs:
+    """Everything that can fail on bad params or data, checked before any model loads."""
+    validate_model_source("train.base", params.base)
+    if params.vae is not None:
+        validate_model_source("train.vae", params.vae)
+    check_runtime(params, torch.cuda.is_available())
+    examples = read_examples(params.captions)
+    store = ShardStore(params.shards)
+    absent = [e.sha256 for e in examples if e.sha256 not in store]
+    if absent:
+        raise ParamError("train.shards", f"{params.shards}: {len(absent)} captioned image(s) missing, e.g. {absent[0]}")
+    train, validation = split_validation(examples, params.validation_split)
+    return Inputs(train, validation)
+
+
+def make_accelerator(params: TrainParams) -> Accelerator:
+    accelerator = Accelerator(
+        mixed_precision=params.mixed_precision,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        cpu=not torch.cuda.is_available(),
+        dynamo_backend="inductor" if params.torch_compile else None,
+        step_scheduler_with_optimizer=False,  # the schedule steps once per optimizer step, whatever the process count
+    )
+    if params.fused_backward_pass and accelerator.num_processes > 1:
+        raise ParamError("train.fused_backward_pass", "steps before gradients are averaged: one process only")
+    if accelerator.distributed_type in SHARDED:
+        if params.use_ema:
+            raise ParamError("train.use_ema", "not available with sharded training (FSDP, DeepSpeed)")
+        if params.sample_every_n_steps:
+            raise ParamError("train.sample_every_n_steps", "must be 0 with sharded training (FSDP, DeepSpeed)")
+    return accelerator
+
+
+def place_models(params: TrainParams, components: SDXLComponents, device: torch.device) -> torch.dtype:
+    """Freeze and place the VAE and text encoders; make every U-Net weight trainable. Returns the VAE dtype."""
+    weight_dtype = DTYPES[params.mixed_precision]
+    vae_dtype = torch.float32 if params.no_half_vae else weight_dtype
+    for frozen, dtype in (
+        (components.vae, vae_dtype),
+        (components.text_encoder, weight_dtype),
+        (components.text_encoder_2, weight_dtype),
+    ):
+        frozen.requires_grad_(False).eval().to(device)
+        if frozen.dtype != dtype:
+            frozen.to(dtype=dtype)
+    unet = components.unet
+    # a bucket side must survive the VAE's and then the U-Net's downsamplings without remainder
+    multiple = 2 ** (len(components.vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
+    if params.bucket_step % multiple:
+        raise ParamError("train.bucket_step", f"must be a multiple of {multiple} for this VAE and U-Net")
+    unet.requires_grad_(True).train()
+    if params.full_bf16:
+        unet.to(dtype=torch.bfloat16)
+    if params.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if params.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    unet.to(device)
+    if not all(p.requires_grad for p in unet.parameters()):
+        raise AssertionError("every U-Net parameter must train")
+    return vae_dtype
+
+
+@dataclass(frozen=True)
+class Caches:
+    plans: list[list[LatentEntry]]  # per example (train, then validation): its cached crops
+    latents: LatentCache
+    texts: TextCache | None  # None when captions change from step to step
+    encode: PromptEncoder
+    policy: CaptionPolicy
+
+
+def fill_caches(
+    params: TrainParams, inputs: Inputs, components: SDXLComponents, vae_dtype: torch.dtype, accelerator: Accelerator
+) -> Caches:
+    """Encode what is not cached yet, each process a share; then free the accelerator of the VAE."""
+    share = slice(accelerator.process_index, None, accelerator.num_processes)
+    show = accelerator.is_main_process
+    plans = plan_entries(inputs.train + inputs.validation, params)
+    latents = LatentCache(params.cache_dir, vae_cache_id(components.vae, vae_dtype))
+    entries = [entry for plan in plans for entry in plan]
+    store = ShardStore(params.shards)
+    latents.fill(entries[share], store, components.vae, params.batch_size, params.max_image_pixels, show)
+    encode = PromptEncoder(
+        components.tokenizer, components.tokenizer_2, components.text_encoder, components.text_encoder_2
+    )
+    policy = CaptionPolicy.from_params(params)
+    texts = None
+    if not params.augments_captions:
+        texts = TextCache(params.cache_dir, encode.cache_id())
+        captions = [policy.fixed(e.caption, e.caption_long) for e in inputs.train]
+        texts.fill(captions[share], encode, params.batch_size, show)
+    accelerator.wait_for_everyone()
+    components.vae.to("cpu")  # only sampling needs it again
+    return Caches(plans, latents, texts, encode, policy)

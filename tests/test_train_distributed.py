@@ -1,0 +1,77 @@
+"""Data-parallel training: two CPU processes under ``accelerate launch`` (gloo) train the same
+weights as one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train_inputs import write_dataset, write_params
+
+pytestmark = pytest.mark.slow
+
+PROJECT = Path(__file__).resolve().parents[1]
+SIZES = [(200, 300), (300, 300), (200, 300), (300, 300), (200, 300), (300, 300)]
+RECIPE = dict(
+    max_train_steps=4,
+    shuffle_caption=True,
+    keep_tokens=1,
+    caption_dropout_rate=0.3,
+    long_caption_ratio=0.5,
+    noise_offset=0.05,
+    validation_split=1,
+    # Some gradients are pure rounding noise (a bias right before a one-channel group norm is
+    # cancelled exactly); Adam's default eps 1e-8 would blow that noise up to full-size steps whose
+    # sign depends on summation order. A larger eps leaves real gradients alone and noise tiny.
+    optimizer_args={"eps": 1.0e-6},
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(folder: Path, processes: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    if processes > 1:  # CPU data parallel: torchrun workers, gloo backend (the stage asks for cpu)
+        accelerate += ["--multi_gpu", "--main_process_port", str(free_port())]
+    cmd = [*accelerate, "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no"]
+    cmd += ["--dynamo_backend", "no", "-m", "stages.train"]
+    proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((folder / "metrics/train.json").read_text())
+
+
+def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder, batch in ((one, 4), (two, 2)):
+        folder.mkdir()
+        write_dataset(folder, SIZES)
+        write_params(folder, batch_size=batch, **RECIPE)
+
+    single, double = launch(one, 1), launch(two, 2)
+
+    assert single["images_seen"] == double["images_seen"] == 4 * 4
+    assert double["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+    assert double["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+    a = load_file(one / "models/unet/diffusion_pytorch_model.safetensors")
+    b = load_file(two / "models/unet/diffusion_pytorch_model.safetensors")
+    base = load_file(one / "models/base/unet/diffusion_pytorch_model.safetensors")
+    # Each step moves a weight by up to lr = 1e-3; a batch split wrongly would differ by that much.
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=5e-5, msg=key)
+        assert not torch.equal(a[key], base[key]), key
+    difference = sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5
+    update = sum((a[k] - base[k]).norm() ** 2 for k in a) ** 0.5
+    assert difference < 1e-3 * update
