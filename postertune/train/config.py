@@ -186,10 +186,6 @@ class TrainParams:
             raise ParamError("train.learning_rate", "required unless Adafactor sets its own (relative_step)")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ParamError("train.learning_rate", "must be positive")
-        accepted = optimizer_arg_names(self.optimizer)
-        for key in self.optimizer_args:
-            if accepted is not None and key not in accepted:
-                raise ParamError(f"train.optimizer_args.{key}", f"not an argument of {self.optimizer}")
         if self.fused_backward_pass:
             if self.optimizer != "Adafactor":
                 raise ParamError("train.fused_backward_pass", "needs optimizer Adafactor")
@@ -220,12 +216,17 @@ class TrainParams:
             raise ParamError("train.lr_warmup_steps", f"{self.lr_scheduler} does not warm up; use constant_with_warmup")
 
     def _dry_run_optimizer(self) -> None:
-        """Build the optimizer and schedule on a stand-in parameter, so bad values fail now."""
+        """Build the optimizer and schedule on a stand-in parameter, so bad names and values fail now."""
         if self.optimizer == "AdamW8bit":
             return  # bitsandbytes checks its arguments on the device it runs on
         import torch
 
-        from postertune.train.optim import make_lr_scheduler, make_optimizer
+        from postertune.train.optim import make_lr_scheduler, make_optimizer, optimizer_class
+
+        accepted = inspect.signature(optimizer_class(self.optimizer).__init__).parameters
+        for key in self.optimizer_args:
+            if key not in accepted or key in ("self", "params", "lr"):
+                raise ParamError(f"train.optimizer_args.{key}", f"not an argument of {self.optimizer}")
 
         # Whatever a constructor raises on these stand-in weights, the args alone are to blame.
         try:
@@ -292,22 +293,6 @@ RUN_ONLY = (
     "torch_compile",
 )
 SCHEDULES_OVER_TOTAL_STEPS = {"linear", "cosine", "cosine_with_restarts", "polynomial"}
-
-
-def optimizer_arg_names(optimizer: str) -> set[str] | None:
-    """Keyword arguments the optimizer's constructor takes (None when it cannot be inspected here)."""
-    if optimizer == "AdamW":
-        import torch
-
-        cls: Any = torch.optim.AdamW
-    elif optimizer == "Adafactor":
-        from transformers.optimization import Adafactor
-
-        cls = Adafactor
-    else:
-        return None
-    names = set(inspect.signature(cls.__init__).parameters) - {"self", "params", "lr"}
-    return names
 
 
 def load_train_params(path: Path = Path("params.yaml")) -> TrainParams:

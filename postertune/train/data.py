@@ -171,11 +171,10 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
-        rng = random.Random(seed)
-        generator = torch.Generator().manual_seed(seed)
-        example, choices = self.examples[index], self.entries[index]
-        entry = choices[rng.randrange(len(choices))] if len(choices) > 1 else choices[0]
-        latent, time_ids = self.latents.load(entry)
+        rng = random.Random(derive_seed(seed, 0))  # crop choice and caption
+        generator = torch.Generator().manual_seed(derive_seed(seed, 1))  # noise and timestep
+        example = self.examples[index]
+        latent, time_ids = self.latents.load(rng.choice(self.entries[index]))
         sample = {
             "latent": latent,
             "time_ids": time_ids,

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 LIVE_DIR = Path("dvclive/train")
 POSTER_ASPECT = (2, 3)  # samples are drawn in the bucket nearest a 2:3 poster
+TINY_BASE_SEED = 0  # the demo base model's random weights stay the same whatever the training seed
 
 
 def train(params: TrainParams) -> dict | None:
@@ -46,7 +47,7 @@ def train(params: TrainParams) -> dict | None:
     accelerator = make_accelerator(params)
     main, device = accelerator.is_main_process, accelerator.device
 
-    components = load_components(params.base, params.vae, seed=params.seed)
+    components = load_components(params.base, params.vae, seed=TINY_BASE_SEED)
     vae_dtype = place_models(params, components, device)
     caches = fill_caches(params, inputs, components, vae_dtype, accelerator)
     unet, noise_scheduler = components.unet, components.noise_scheduler
@@ -76,34 +77,10 @@ def train(params: TrainParams) -> dict | None:
             log.info("resuming from %s", latest)
     start_step = state["step"]
 
-    train_count = len(inputs.train)
-    sampler = BucketBatchSampler(
-        [plan[0].crop.bucket for plan in caches.plans[:train_count]],
-        params.batch_size,
-        accelerator.num_processes,
-        accelerator.process_index,
-        params.seed,
-    )
-    sampler.start = start_step * params.gradient_accumulation_steps
-    dataset = TrainDataset(
-        inputs.train,
-        caches.plans[:train_count],
-        caches.latents,
-        caches.texts,
-        caches.policy,
-        params.noise_offset,
-        noise_scheduler.config.num_train_timesteps,
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=params.dataloader_num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    loader = make_loader(params, inputs, caches, accelerator, noise_scheduler.config.num_train_timesteps, start_step)
     validation = build_validation_batches(
         inputs.validation,
-        caches.plans[train_count:],
+        caches.plans[len(inputs.train) :],
         caches.latents,
         caches.encode,
         caches.policy,
@@ -131,29 +108,27 @@ def train(params: TrainParams) -> dict | None:
 
     step = saved_step = val_step = start_step
     val_loss = evaluate(step) if step == 0 else None
-    window: list[float] = []
     busy_seconds, images_this_run = 0.0, 0
     progress = tqdm(total=params.max_train_steps, initial=step, desc="training", disable=not main)
-    started = time.perf_counter()
-    for batch in loader:
-        if step >= params.max_train_steps:
-            break
-        if "captions" in batch:
-            batch["prompt_embeds"], batch["pooled_prompt_embeds"] = caches.encode(batch.pop("captions"))
-        batch = to_device(batch, device, params.channels_last)
-        result = training_step(batch, unet, noise_scheduler, optimizer, accelerator, step_config, step + 1)
-        window.append(result.loss)
-        if not accelerator.sync_gradients:
-            continue
-        if not accelerator.optimizer_step_was_skipped:
+    batches = iter(loader)
+    while step < params.max_train_steps:
+        started = time.perf_counter()
+        losses = []
+        for _ in range(params.gradient_accumulation_steps):  # the last micro-batch updates the weights
+            batch = next(batches)
+            if "captions" in batch:
+                batch["prompt_embeds"], batch["pooled_prompt_embeds"] = caches.encode(batch.pop("captions"))
+            batch = to_device(batch, device, params.channels_last)
+            result = training_step(batch, unet, noise_scheduler, optimizer, accelerator, step_config, step + 1)
+            losses.append(result.loss)
+        if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps that overflowed
             lr_scheduler.step()
         if ema is not None:
             ema.update(list(accelerator.unwrap_model(unet).parameters()))
         step += 1
         images_this_run += global_batch
         busy_seconds += time.perf_counter() - started
-        train_loss = sum(window) / len(window)
-        window.clear()
+        train_loss = sum(losses) / len(losses)
         state = {"step": step, "images_seen": state["images_seen"] + global_batch, "train_loss": train_loss}
         metrics = {
             "train/loss": train_loss,
@@ -173,7 +148,6 @@ def train(params: TrainParams) -> dict | None:
         if params.checkpointing_steps and step % params.checkpointing_steps == 0:
             checkpoints.save(accelerator, state, identity)
             saved_step = step
-        started = time.perf_counter()
     progress.close()
 
     if step != saved_step:
@@ -199,6 +173,36 @@ def train(params: TrainParams) -> dict | None:
     if val_loss is not None:
         metrics["val_loss"] = val_loss
     return metrics
+
+
+def make_loader(
+    params: TrainParams,
+    inputs: Inputs,
+    caches: Caches,
+    accelerator: Accelerator,
+    num_train_timesteps: int,
+    start_step: int,
+) -> torch.utils.data.DataLoader:
+    """This process's micro-batches, endless, from the first one of ``start_step`` on."""
+    plans = caches.plans[: len(inputs.train)]
+    sampler = BucketBatchSampler(
+        [plan[0].crop.bucket for plan in plans],
+        params.batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        params.seed,
+    )
+    sampler.start = start_step * params.gradient_accumulation_steps
+    dataset = TrainDataset(
+        inputs.train, plans, caches.latents, caches.texts, caches.policy, params.noise_offset, num_train_timesteps
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=params.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
 
 
 def run_identity(

@@ -32,15 +32,19 @@ class FusedAdafactor(Adafactor):
             self.param_groups = all_groups
 
 
-def make_optimizer(params: TrainParams, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    args = {k: tuple(v) if isinstance(v, list) else v for k, v in params.optimizer_args.items()}
-    if params.optimizer == "AdamW":
-        return torch.optim.AdamW(parameters, lr=params.learning_rate, **args)
-    if params.optimizer == "AdamW8bit":
+def optimizer_class(name: str, fused_backward_pass: bool = False) -> type[torch.optim.Optimizer]:
+    if name == "AdamW":
+        return torch.optim.AdamW
+    if name == "AdamW8bit":
         import bitsandbytes
 
-        return bitsandbytes.optim.AdamW8bit(parameters, lr=params.learning_rate, **args)
-    cls = FusedAdafactor if params.fused_backward_pass else Adafactor
+        return bitsandbytes.optim.AdamW8bit
+    return FusedAdafactor if fused_backward_pass else Adafactor
+
+
+def make_optimizer(params: TrainParams, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in params.optimizer_args.items()}
+    cls = optimizer_class(params.optimizer, params.fused_backward_pass)
     return cls(parameters, lr=params.learning_rate, **args)
 
 

@@ -109,8 +109,8 @@ def fill_caches(
     plans = plan_entries(inputs.train + inputs.validation, params)
     latents = LatentCache(params.cache_dir, vae_cache_id(components.vae, vae_dtype))
     entries = [entry for plan in plans for entry in plan]
-    store = ShardStore(params.shards)
-    latents.fill(entries[share], store, components.vae, params.batch_size, params.max_image_pixels, show)
+    with ShardStore(params.shards) as store:
+        latents.fill(entries[share], store, components.vae, params.batch_size, params.max_image_pixels, show)
     encode = PromptEncoder(
         components.tokenizer, components.tokenizer_2, components.text_encoder, components.text_encoder_2
     )
