@@ -207,17 +207,22 @@ def main() -> None:
 
     print(
         f"{args.images} posters, {WIDTH}x{HEIGHT} JPEG, {min(sizes) / 1e3:.0f}-{max(sizes) / 1e3:.0f} KB "
-        f"(mean {np.mean(sizes) / 1e3:.0f} KB); loopback aiohttp server in its own process; "
-        f"{os.cpu_count()} cores, 1-min load average {min(loads):.1f}-{max(loads):.1f}; medians of {args.rounds} rounds"
+        f"(mean {np.mean(sizes) / 1e3:.0f} KB); {os.cpu_count()} cores, 1-min load average "
+        f"{min(loads):.1f}-{max(loads):.1f}; medians of {args.rounds} rounds\n"
     )
-    print(f"{'method':58} {'images/s':>9} {'ratio':>6} {'CPU ms/image client+server':>27}  images/s per round")
+    print("| method | images/s | vs baseline | CPU ms/image, client + server | images/s on idle cores | each round |")
+    print("|---|---:|---:|---:|---:|---|")
     for name, rounds in results.items():
         rates = [rate for rate, _, _ in rounds]
         ratios = [rate / base for rate, (base, _, _) in zip(rates, results[baseline], strict=True)]
-        client_ms, server_ms = (np.median([r[i] for r in rounds]) for i in (1, 2))
+        client_ms, server_ms = (float(np.median([r[i] for r in rounds])) for i in (1, 2))
+        # a sequential loop keeps one core busy at a time (client, then server); the stage all of them
+        cores = (os.cpu_count() or 1) if name.startswith("fetch stage") else 1
         every = ", ".join(f"{r:.0f}" for r in rates)
-        cpu = f"{client_ms:.2f} + {server_ms:.2f}"
-        print(f"{name:58} {np.median(rates):9.1f} {np.median(ratios):5.1f}x {cpu:>27}  {every}")
+        print(
+            f"| {name} | {np.median(rates):.0f} | {np.median(ratios):.1f}x | {client_ms:.2f} + {server_ms:.2f} "
+            f"| {cores * 1000 / (client_ms + server_ms):.0f} | {every} |"
+        )
 
 
 if __name__ == "__main__":
