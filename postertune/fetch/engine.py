@@ -165,8 +165,9 @@ def run_fetch_engine(urls: list[str], params: FetchParams, root: Path, stored: s
             outcomes[outcome.url] = outcome
             bar.update(1)
 
-        try:
-            requests = asyncio.run(fetch_all(urls, params, publisher, on_outcome)) if urls else 0
-        finally:
-            publisher.publish()  # on an error too: never lose what was fetched
+        requests = asyncio.run(fetch_all(urls, params, publisher, on_outcome)) if urls else 0
+    # Only a finished run publishes its last shard: an interrupt may have stopped a write
+    # midway, so after an error the open shard is left as a partial file, which the next
+    # run deletes and fetches again, as after a kill (published shards lose nothing).
+    publisher.publish()
     return FetchRun(outcomes, requests, time.perf_counter() - start)
