@@ -119,7 +119,7 @@ class ShardWriter:
         if sha in self.written:
             return
         if self._tar is None:
-            self._tar = tarfile.open(self._partial(), "w:", format=tarfile.USTAR_FORMAT)
+            self._tar = tarfile.open(self._partial(), "w:", format=tarfile.USTAR_FORMAT, copybufsize=self.max_bytes)
             self._count = self._bytes = 0
             self._opened = time.monotonic()
         info = tarfile.TarInfo(sha)
