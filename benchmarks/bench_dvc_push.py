@@ -82,10 +82,14 @@ def main() -> None:
         loose = measure("loose", args.loose_images, endpoint, env)
     finally:
         server.stop()
-    print(f"{'layout':8} {'images':>8} {'files':>7} {'dvc add s':>10} {'dvc push s':>11} {'status -c s':>12} {'push ms/image':>14}")
+    print(
+        f"{'layout':8} {'images':>8} {'files':>7} {'dvc add s':>10} {'dvc push s':>11} {'status -c s':>12} {'push ms/image':>14}"
+    )
     for name, r in [("shards", shards), ("loose", loose)]:
-        print(f"{name:8} {r['images']:8d} {r['files']:7d} {r['add_s']:10.1f} {r['push_s']:11.1f} "
-              f"{r['status_cloud_s']:12.1f} {1000 * r['push_s'] / r['images']:14.3f}")
+        print(
+            f"{name:8} {r['images']:8d} {r['files']:7d} {r['add_s']:10.1f} {r['push_s']:11.1f} "
+            f"{r['status_cloud_s']:12.1f} {1000 * r['push_s'] / r['images']:14.3f}"
+        )
     ratio = (loose["push_s"] / loose["images"]) / (shards["push_s"] / shards["images"])
     print(f"push time per image: shards are {ratio:.1f}x faster than loose files")
 

@@ -73,7 +73,9 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[i
     except ImageRejected:
         raise
     except Exception as exc:
-        reason = "truncated" if "truncated" in str(exc).lower() or isinstance(exc, (OSError, SyntaxError)) else "corrupt"
+        reason = (
+            "truncated" if "truncated" in str(exc).lower() or isinstance(exc, (OSError, SyntaxError)) else "corrupt"
+        )
         raise ImageRejected(reason, str(exc)) from None
     if img.mode != "RGB":
         img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() or img.mode == "P" else img.convert("RGB")

@@ -84,7 +84,7 @@ class ShardStore:
             os.close(fd)
         self._files.clear()
 
-    def __enter__(self) -> "ShardStore":
+    def __enter__(self) -> ShardStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -151,7 +151,7 @@ class ShardWriter:
     def close(self) -> None:
         self.flush()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

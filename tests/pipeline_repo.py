@@ -14,7 +14,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 def project_files() -> list[str]:
     out = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=PROJECT, check=True, capture_output=True,
+        cwd=PROJECT,
+        check=True,
+        capture_output=True,
     ).stdout.decode()
     return [f for f in out.split("\0") if f and (PROJECT / f).is_file()]
 
@@ -23,9 +25,13 @@ def tool_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(
-        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
-        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
-        DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+        DVC_NO_ANALYTICS="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
     )
     env.update(extra)
     return env
@@ -37,7 +43,7 @@ class PipelineRepo:
         self.env = env or tool_env()
 
     @classmethod
-    def copy_of_project(cls, root: Path) -> "PipelineRepo":
+    def copy_of_project(cls, root: Path) -> PipelineRepo:
         for rel in project_files():
             dest = root / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +57,9 @@ class PipelineRepo:
     def run(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
         proc = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+            raise AssertionError(
+                f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+            )
         return proc
 
     def dvc(self, *args: str, **kw) -> subprocess.CompletedProcess:

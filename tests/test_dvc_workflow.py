@@ -63,8 +63,13 @@ def test_push_to_s3_then_fresh_clone_pulls_clean(reproduced, tmp_path):
     try:
         endpoint = f"http://127.0.0.1:{port}"
         creds = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
-                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="posters")
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="posters")
         reproduced.env.update(creds)
         reproduced.dvc("remote", "add", "-d", "storage", "s3://posters/dvc")
         reproduced.dvc("remote", "modify", "storage", "endpointurl", endpoint)

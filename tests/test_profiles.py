@@ -34,7 +34,8 @@ def compose(tmp_path: Path, *overrides: str) -> dict:
     out = tmp_path / "params.yaml"
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "compose_params.py"), "--output", str(out), *overrides],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     return yaml.safe_load(out.read_text())
 

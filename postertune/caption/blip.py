@@ -11,16 +11,9 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from postertune.caption.cache import CaptionRecord
 from postertune.caption.params import BlipParams
+from postertune.devices import resolve_device
 from postertune.errors import PipelineError
 from postertune.params import ParamError
-
-
-def torch_device(device: str, param: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ParamError(param, "cuda requested but torch sees no GPU")
-    return device
 
 
 def local_path(model: str) -> Path | None:
@@ -39,7 +32,7 @@ class BlipCaptioner:
 
     def __init__(self, params: BlipParams):
         self.params = params
-        self.device = torch_device(params.device, "caption.blip.device")
+        self.device = resolve_device("caption.blip.device", params.device)
         path = local_path(params.model)
         if path is not None and not (path / "config.json").is_file():
             raise ParamError("caption.blip.model", f"{path} is not a model folder (no config.json there)")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-
+from postertune.devices import check_device, resolve_device
 from postertune.params import ParamError
 
 TINY_CLIP = "tiny"  # a tiny random open_clip model: every step runs, the numbers mean nothing
@@ -68,14 +66,11 @@ class EvaluateParams:
             raise ParamError("evaluate.bootstrap_resamples", "must be at least 100")
         if self.batch_size < 1:
             raise ParamError("evaluate.batch_size", "must be at least 1")
-        if self.device != "auto" and not re.match(r"^(cpu|cuda(:\d+)?|mps)$", self.device):
-            raise ParamError("evaluate.device", f"{self.device!r} is not auto, cpu, cuda, cuda:N or mps")
+        check_device("evaluate.device", self.device)
 
     @property
     def torch_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return resolve_device("evaluate.device", self.device)
 
     @property
     def weights_path(self) -> Path | None:

@@ -6,8 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from postertune.devices import check_device, resolve_device
 from postertune.models.precision import Precision
 from postertune.params import ParamError
 from postertune.sample.schedulers import SCHEDULERS
@@ -71,14 +70,11 @@ class SampleParams:
                 raise ParamError(f"sample.{key}", f"{value} must be a positive multiple of 8 (the VAE's downscale)")
         if self.grid_cell_width < 16:
             raise ParamError("sample.grid_cell_width", "must be at least 16")
-        if self.device != "auto" and not re.match(r"^(cpu|cuda(:\d+)?|mps)$", self.device):
-            raise ParamError("sample.device", f"{self.device!r} is not auto, cpu, cuda, cuda:N or mps")
+        check_device("sample.device", self.device)
 
     @property
     def torch_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return resolve_device("sample.device", self.device)
 
     @property
     def seeds(self) -> list[int]:
