@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train_inputs import write_dataset, write_params
+from postertune.train.config import load_train_params
+from postertune.train.loop import train
+from tests.train_inputs import fresh_process_state, write_dataset, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -41,26 +43,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(folder: Path, processes: int) -> dict:
+def launch_two_processes(folder: Path) -> dict:
+    """CPU data parallel: torchrun workers on the gloo backend (the stage asks accelerate for the CPU)."""
     env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
-    if processes > 1:  # CPU data parallel: torchrun workers, gloo backend (the stage asks for cpu)
-        accelerate += ["--multi_gpu", "--main_process_port", str(free_port())]
-    cmd = [*accelerate, "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no"]
     cmd += ["--dynamo_backend", "no", "-m", "stages.train"]
     proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((folder / "metrics/train.json").read_text())
 
 
-def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.usefixtures(fresh_process_state.__name__)
+def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_path, monkeypatch):
     one, two = tmp_path / "one", tmp_path / "two"
     for folder, batch in ((one, 4), (two, 2)):
         folder.mkdir()
         write_dataset(folder, SIZES)
         write_params(folder, batch_size=batch, **RECIPE)
 
-    single, double = launch(one, 1), launch(two, 2)
+    double = launch_two_processes(two)
+    monkeypatch.chdir(one)
+    single = train(load_train_params(one / "params.yaml"))
 
     assert single["images_seen"] == double["images_seen"] == 4 * 4
     assert double["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)

@@ -15,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -25,24 +24,11 @@ from postertune.models.single_file import UNET_PREFIX, unet_to_original
 from postertune.params import ParamError
 from postertune.train.config import load_train_params
 from postertune.train.loop import train
-from tests.train_inputs import write_dataset, write_params
+from tests.train_inputs import fresh_process_state, write_dataset, write_params
 
 PORTRAIT, SQUARE = (200, 300), (300, 300)
+pytestmark = pytest.mark.usefixtures(fresh_process_state.__name__)
 PROJECT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def fresh_process_state():
-    """Each stage run normally has a process of its own; here several share one.
-
-    accelerate keeps its state (precision, device) per process, so it is cleared between
-    runs. Tiny models run fastest on one thread, above all on a machine shared with other jobs.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture

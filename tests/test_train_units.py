@@ -29,7 +29,7 @@ from postertune.train.data import BucketBatchSampler, TrainDataset, plan_entries
 from postertune.train.latent_cache import LatentCache, vae_cache_id
 from postertune.train.loss import diffusion_loss, draw_noise, min_snr_weights
 from postertune.train.optim import FusedAdafactor, fuse_into_backward, make_lr_scheduler, make_optimizer
-from tests.train_inputs import FAST_PARAMS, write_dataset
+from tests.train_inputs import FAST_PARAMS, fresh_process_state, write_dataset
 
 
 def params(**overrides) -> TrainParams:
@@ -389,6 +389,7 @@ def test_each_lr_scheduler_steps(name, args, expected):
         assert lrs[0] == 0.0 and max(lrs) == pytest.approx(0.1) and lrs[-1] < 0.05
 
 
+@pytest.mark.usefixtures(fresh_process_state.__name__)
 def test_fused_adafactor_in_backward_equals_adafactor_after_backward():
     args = dict(lr=1e-2, relative_step=False, scale_parameter=False, clip_threshold=1.0)
     unfused_unet = tiny_model(UNet2DConditionModel, tiny_unet_config(), 0)

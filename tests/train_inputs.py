@@ -7,7 +7,10 @@ import random
 from pathlib import Path
 
 import pandas as pd
+import pytest
+import torch
 import yaml
+from accelerate.state import AcceleratorState
 from PIL import Image, ImageDraw
 
 from postertune.store import ShardWriter, sha256_hex
@@ -76,3 +79,17 @@ def write_params(folder: Path, **overrides) -> Path:
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump({"train": {**FAST_PARAMS, **overrides}}, sort_keys=False))
     return path
+
+
+@pytest.fixture
+def fresh_process_state():
+    """Each stage run normally has a process of its own; here several share one.
+
+    accelerate keeps its state (precision, device) per process, so it is cleared between
+    runs. Tiny models run fastest on one thread, above all on a machine shared with other jobs.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
