@@ -1,22 +1,38 @@
 """Train stage: fully fine-tune the SDXL U-Net on the captioned posters.
 
-Run directly (``python -m stages.train``) or on several GPUs or nodes with
-``accelerate launch --config_file configs/accelerate/<setup>.yaml -m stages.train``.
+``python -m stages.train`` trains in this process (CPU or one GPU). For several GPUs or
+nodes, either launch it yourself,
+``accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m stages.train``,
+or set ``POSTERTUNE_ACCELERATE_CONFIG`` to an accelerate config: the stage then
+re-launches itself under ``accelerate launch`` with it (how ``dvc repro`` and
+``dvc exp run`` reach many GPUs).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from pathlib import Path
 
 from postertune.cli import run_stage
+from postertune.errors import PipelineError
 from postertune.metrics import write_metrics
 from postertune.train.config import load_train_params
+
+ACCELERATE_CONFIG = "POSTERTUNE_ACCELERATE_CONFIG"
 
 
 def main() -> None:
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("postertune").setLevel(logging.INFO)
     params = load_train_params()
+    config = os.environ.pop(ACCELERATE_CONFIG, None)  # the launched processes must not launch again
+    if config:
+        if not Path(config).is_file():
+            raise PipelineError(f"{ACCELERATE_CONFIG}={config}: no such accelerate config file")
+        launch = ["-m", "accelerate.commands.launch", "--config_file", config, "-m", "stages.train"]
+        os.execv(sys.executable, [sys.executable, *launch])
     from postertune.train.loop import train  # the heavy imports wait until the params are known good
 
     metrics = train(params)

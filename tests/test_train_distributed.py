@@ -1,5 +1,9 @@
 """Data-parallel training: two CPU processes under ``accelerate launch`` (gloo) train the same
-weights as one process with the same global batch."""
+weights as one process with the same global batch.
+
+By hand, on a machine without GPUs: ``accelerate launch --multi_gpu --num_processes 2 -m stages.train``
+(``--cpu`` would start a single process; the stage itself asks accelerate for the CPU).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from postertune.train.config import load_train_params
@@ -44,12 +49,16 @@ def free_port() -> int:
 
 
 def launch_two_processes(folder: Path) -> dict:
-    """CPU data parallel: torchrun workers on the gloo backend (the stage asks accelerate for the CPU)."""
+    """The stage re-launched by itself under ``accelerate launch`` with the shipped multi-GPU config,
+    two processes: on a machine without CUDA they are CPU workers on the gloo backend."""
+    config = yaml.safe_load((PROJECT / "configs/accelerate/multi_gpu.yaml").read_text())
+    config.update(num_processes=2, main_process_port=free_port())
+    (folder / "accelerate.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    cmd += ["--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no"]
-    cmd += ["--dynamo_backend", "no", "-m", "stages.train"]
-    proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    env["POSTERTUNE_ACCELERATE_CONFIG"] = "accelerate.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.train"], cwd=folder, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((folder / "metrics/train.json").read_text())
 

@@ -243,3 +243,14 @@ def test_missing_images_name_the_shards_parameter(workdir):
     with pytest.raises(ParamError) as caught:
         run(workdir)
     assert caught.value.name == "train.shards" and "0" * 64 in str(caught.value)
+
+
+def test_missing_accelerate_config_is_named(workdir):
+    write_dataset(workdir, [PORTRAIT])
+    write_params(workdir)
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "POSTERTUNE_ACCELERATE_CONFIG": "nowhere.yaml"}
+    proc = subprocess.run([sys.executable, "-m", "stages.train"], cwd=workdir, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip() == "train: error: POSTERTUNE_ACCELERATE_CONFIG=nowhere.yaml: no such accelerate config file"
+    )

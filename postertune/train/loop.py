@@ -215,7 +215,7 @@ def run_identity(
         "data": fingerprint_json([(e.sha256, e.caption, e.caption_long) for e in inputs.train]),
         "unet": fingerprint_module(components.unet)[:16],
         "vae": caches.latents.folder.name,
-        "text_encoders": caches.encode.cache_id(),
+        "text_encoders": caches.encode.cache_id,
     }
 
 

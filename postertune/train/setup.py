@@ -117,7 +117,7 @@ def fill_caches(
     policy = CaptionPolicy.from_params(params)
     texts = None
     if not params.augments_captions:
-        texts = TextCache(params.cache_dir, encode.cache_id())
+        texts = TextCache(params.cache_dir, encode.cache_id)
         captions = [policy.fixed(e.caption, e.caption_long) for e in inputs.train]
         texts.fill(captions[share], encode, params.batch_size, show)
     accelerator.wait_for_everyone()

@@ -6,6 +6,7 @@ optimizer, so a benchmark can drive it with synthetic latents and embeddings.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,7 @@ def training_step(
             prediction, target = denoise(unet, batch, noise_scheduler)
         loss = diffusion_loss(prediction, target, batch["timestep"], noise_scheduler, config.snr_gamma)
         mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-        if not torch.isfinite(torch.tensor(mean_loss)):
+        if not math.isfinite(mean_loss):
             raise PipelineError(
                 f"train: loss is {mean_loss} at step {step}: likely an fp16 VAE overflow (use the fp16-fix VAE "
                 "via train.vae, or train.no_half_vae: true) or a learning rate too high (train.learning_rate)"

@@ -9,6 +9,7 @@ from step to step and are encoded on the fly; otherwise each is encoded once.
 from __future__ import annotations
 
 import hashlib
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ class PromptEncoder:
             hidden.append(out.hidden_states[-2])
         return torch.cat(hidden, dim=-1), out.text_embeds
 
+    @cached_property
     def cache_id(self) -> str:
         (tok1, enc1), (tok2, enc2) = self.pairs
         return fingerprint_module(enc2, fingerprint_module(enc1), tok1.pad_token, tok2.pad_token, len(tok1))[:16]
