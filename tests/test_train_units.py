@@ -29,6 +29,7 @@ from postertune.train.data import BucketBatchSampler, TrainDataset, plan_entries
 from postertune.train.latent_cache import LatentCache, vae_cache_id
 from postertune.train.loss import diffusion_loss, draw_noise, min_snr_weights
 from postertune.train.optim import FusedAdafactor, fuse_into_backward, make_lr_scheduler, make_optimizer
+from postertune.train.tracking import TrainLog
 from tests.train_inputs import FAST_PARAMS, fresh_process_state, write_dataset
 
 
@@ -449,3 +450,22 @@ def test_min_snr_weights_and_noise_offset():
     assert 0.3 < shifts.std().item() < 0.7  # each channel moved by offset × N(0, 1)
     plain = torch.stack([draw_noise(torch.Size((4, 64, 64)), generator, 0.0).mean(dim=(1, 2)) for _ in range(50)])
     assert plain.std().item() < 0.05
+
+
+# --- the DVCLive log ----------------------------------------------------------------------
+
+
+def test_resumed_log_forgets_what_came_after_the_checkpoint(tmp_path):
+    folder = tmp_path / "dvclive/train"
+    log = TrainLog(folder, resume_step=None, enabled=True)
+    for step in range(1, 6):  # the interrupted run got to step 5; its last checkpoint is step 3
+        log.metrics(step, {"train/loss": 1.0 / step})
+        if step % 2 == 0:
+            log.images(step, {"prompt-0": Image.new("RGB", (8, 8))})
+
+    resumed = TrainLog(folder, resume_step=3, enabled=True)
+    resumed.metrics(4, {"train/loss": 0.3})
+    resumed.close()
+    rows = (folder / "plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in rows] == ["step", "1", "2", "3", "4"] and rows[-1].endswith("\t0.3")
+    assert [p.name for p in (folder / "plots/images/prompt-0").iterdir()] == ["0000002.png"]
