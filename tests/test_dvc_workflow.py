@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 STAGES = ["fetch", "dedupe", "filter", "caption", "train", "sample", "evaluate"]
 LR_KEY = "train.learning_rate"
+STEPS_KEY = "train.max_train_steps"
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,12 @@ def clone_with_shared_cache(source: PipelineRepo, dest: Path) -> PipelineRepo:
     clone.dvc("cache", "dir", "--local", str(source.root / ".dvc" / "cache"))
     clone.dvc("checkout")
     return clone
+
+
+def use_remote(repo: PipelineRepo, endpoint: str) -> None:
+    # --local: the server lives only as long as its test, so no clone made by another test may see it
+    repo.dvc("remote", "add", "--local", "-d", "storage", "s3://posters/dvc")
+    repo.dvc("remote", "modify", "--local", "storage", "endpointurl", endpoint)
 
 
 def free_port() -> int:
@@ -71,13 +78,12 @@ def test_push_to_s3_then_fresh_clone_pulls_clean(reproduced, tmp_path):
             region_name="us-east-1",
         ).create_bucket(Bucket="posters")
         reproduced.env.update(creds)
-        reproduced.dvc("remote", "add", "-d", "storage", "s3://posters/dvc")
-        reproduced.dvc("remote", "modify", "storage", "endpointurl", endpoint)
-        reproduced.commit_all("configure the S3 remote")
+        use_remote(reproduced, endpoint)
         reproduced.dvc("push")
 
         reproduced.run("git", "clone", "-q", str(reproduced.root), str(tmp_path / "fresh"))
         fresh = PipelineRepo(tmp_path / "fresh", tool_env(**creds))
+        use_remote(fresh, endpoint)
         assert not (fresh.root / "data" / "raw" / "images.parquet").exists()
         fresh.dvc("pull")
         assert (fresh.root / "models" / "unet").is_dir()
@@ -89,11 +95,13 @@ def test_push_to_s3_then_fresh_clone_pulls_clean(reproduced, tmp_path):
         server.stop()
 
 
+@pytest.mark.timeout(1200)
 def test_experiments_single_and_queued_sweep_show_metric_diffs(reproduced, tmp_path):
     repo = clone_with_shared_cache(reproduced, tmp_path / "exp")
-    repo.dvc("exp", "run", "-n", "lr-high", "-S", f"{LR_KEY}=0.001")
+    short = f"{STEPS_KEY}=12"  # three full train/sample/evaluate runs: keep each short
+    repo.dvc("exp", "run", "-n", "lr-high", "-S", f"{LR_KEY}=0.001", "-S", short)
     for name, lr in [("lr-a", "0.0003"), ("lr-b", "0.00003")]:
-        repo.dvc("exp", "run", "--queue", "-n", name, "-S", f"{LR_KEY}={lr}")
+        repo.dvc("exp", "run", "--queue", "-n", name, "-S", f"{LR_KEY}={lr}", "-S", short)
     repo.dvc("queue", "start", "-j", "1")
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -120,7 +128,7 @@ def test_experiments_single_and_queued_sweep_show_metric_diffs(reproduced, tmp_p
 def test_pr_report_against_base_commit(reproduced, tmp_path):
     repo = clone_with_shared_cache(reproduced, tmp_path / "pr")
     base = repo.run("git", "rev-parse", "HEAD").stdout.strip()
-    repo.dvc("exp", "run", "-S", f"{LR_KEY}=0.002")
+    repo.dvc("exp", "run", "-S", f"{LR_KEY}=0.002", "-S", f"{STEPS_KEY}=12")
     repo.commit_all("raise the learning rate")
 
     repo.run("bash", "scripts/pr_report.sh", base, "pr-report")
