@@ -95,9 +95,10 @@ def test_push_to_s3_then_fresh_clone_pulls_clean(reproduced, tmp_path):
         server.stop()
 
 
-@pytest.mark.timeout(1200)
-def test_experiments_single_and_queued_sweep_show_metric_diffs(reproduced, tmp_path):
-    repo = clone_with_shared_cache(reproduced, tmp_path / "exp")
+@pytest.fixture(scope="module")
+def experiments(reproduced, tmp_path_factory) -> PipelineRepo:
+    """One experiment run in the workspace and a queued sweep of two, in a clone."""
+    repo = clone_with_shared_cache(reproduced, tmp_path_factory.mktemp("experiments") / "repo")
     short = f"{STEPS_KEY}=12"  # three full train/sample/evaluate runs: keep each short
     repo.dvc("exp", "run", "-n", "lr-high", "-S", f"{LR_KEY}=0.001", "-S", short)
     for name, lr in [("lr-a", "0.0003"), ("lr-b", "0.00003")]:
@@ -112,7 +113,12 @@ def test_experiments_single_and_queued_sweep_show_metric_diffs(reproduced, tmp_p
     else:
         pytest.fail(f"queued experiments did not finish:\n{status}")
     assert "Failed" not in status, repo.dvc("queue", "logs", "lr-a", check=False).stdout
+    return repo
 
+
+@pytest.mark.timeout(1200)
+def test_experiments_single_and_queued_sweep_show_metric_diffs(experiments):
+    repo = experiments
     shown = json.loads(repo.dvc("exp", "show", "--json").stdout)
     names = {exp.get("name") for rev in shown for exp in (rev.get("experiments") or [])}
     assert {"lr-high", "lr-a", "lr-b"} <= names, names
@@ -125,10 +131,11 @@ def test_experiments_single_and_queued_sweep_show_metric_diffs(reproduced, tmp_p
     assert "lr-a" in table and "lr-b" in table
 
 
-def test_pr_report_against_base_commit(reproduced, tmp_path):
-    repo = clone_with_shared_cache(reproduced, tmp_path / "pr")
+@pytest.mark.timeout(1200)
+def test_pr_report_against_base_commit(experiments):
+    repo = experiments
     base = repo.run("git", "rev-parse", "HEAD").stdout.strip()
-    repo.dvc("exp", "run", "-S", f"{LR_KEY}=0.002", "-S", f"{STEPS_KEY}=12")
+    repo.dvc("exp", "apply", "lr-high")
     repo.commit_all("raise the learning rate")
 
     repo.run("bash", "scripts/pr_report.sh", base, "pr-report")
