@@ -31,6 +31,7 @@ from PIL import Image
 from postertune.atomic import write_parquet
 from postertune.errors import PipelineError
 from postertune.params import ParamError
+from postertune.tables import read_stage_table
 
 RULES = ("format", "too_small", "too_large", "aspect", "low_kb_per_pixel", "low_dpi", "missing_dpi")
 REQUIRED_COLUMNS = ("sha256", "width", "height", "format", "dpi", "bytes", "dedupe_status")
@@ -119,15 +120,7 @@ def apply_filter(images: pd.DataFrame, params: FilterParams) -> FilterResult:
 
 def read_deduplicated(path: Path) -> pd.DataFrame:
     """The images the dedupe stage kept: one row per unique image."""
-    try:
-        frame = pd.read_parquet(path)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found (run the dedupe stage first)") from None
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise PipelineError(f"{path}: not a readable Parquet table ({type(exc).__name__})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column {missing[0]!r}")
+    frame = read_stage_table(path, REQUIRED_COLUMNS, "dedupe")
     kept = frame[frame["dedupe_status"] == "kept"].reset_index(drop=True)
     holes = (
         kept[["width", "height", "bytes", "format"]].isna().any(axis=1) | (kept["width"] <= 0) | (kept["height"] <= 0)

@@ -23,6 +23,7 @@ from postertune.dedupe.hashing import default_workers, hex64, iter_hashes, load_
 from postertune.errors import PipelineError
 from postertune.params import ParamError
 from postertune.store import ShardStore
+from postertune.tables import read_stage_table
 
 REQUIRED_COLUMNS = ("sha256", "url", "width", "height", "bytes", "dpi", "status")
 CHECKPOINT_SECONDS = 30.0
@@ -59,15 +60,7 @@ class DedupePaths:
 
 def read_fetched(path: Path) -> tuple[pd.DataFrame, int]:
     """The rows of the fetch table that hold an image, and the count of rows that do not."""
-    try:
-        frame = pd.read_parquet(path)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found (run the fetch stage first)") from None
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise PipelineError(f"{path}: not a readable Parquet table ({type(exc).__name__})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column {missing[0]!r}")
+    frame = read_stage_table(path, REQUIRED_COLUMNS, "fetch")
     fetched = frame["status"] == "ok"
     holes = fetched & (frame["sha256"].isna() | frame["width"].isna() | frame["height"].isna() | frame["bytes"].isna())
     if holes.any():
