@@ -14,13 +14,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from postertune.atomic import write_bytes
 from postertune.imagesafe import load_image
+from postertune.models.render import render
 from postertune.models.tokenizer import clip_tokenizer
 from postertune.sample.grid import make_grid
 from postertune.sample.manifest import file_sha256, read_manifest, write_manifest
@@ -120,18 +120,16 @@ def _png(image: Image.Image, job: Job) -> bytes:
 
 
 def render_one(pipe: StableDiffusionXLPipeline, job: Job, params: SampleParams) -> Image.Image:
-    # A CPU generator gives the same starting noise on every device.
-    generator = torch.Generator("cpu").manual_seed(job.seed)
-    result = pipe(
-        prompt=job.prompt.prompt,
-        negative_prompt=job.negative_prompt or None,
-        num_inference_steps=params.steps,
-        guidance_scale=params.guidance_scale,
-        width=params.width,
-        height=params.height,
-        generator=generator,
+    return render(
+        pipe,
+        job.prompt.prompt,
+        job.negative_prompt,
+        job.seed,
+        params.steps,
+        params.guidance_scale,
+        params.width,
+        params.height,
     )
-    return result.images[0]
 
 
 def render_jobs(jobs: list[Job], params: SampleParams) -> RenderResult:

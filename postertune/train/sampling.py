@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from postertune.models.loading import SDXLComponents
+from postertune.models.render import render
 
 
 @dataclass(frozen=True)
@@ -28,15 +29,14 @@ def sample_images(components: SDXLComponents, unet, spec: SampleSpec) -> dict[st
     pipe.set_progress_bar_config(disable=True)
     images = {}
     for i, prompt in enumerate(spec.prompts):
-        generator = torch.Generator("cpu").manual_seed(spec.seed + i)
-        result = pipe(
+        images[f"prompt-{i}"] = render(
+            pipe,
             prompt,
-            negative_prompt=spec.negative_prompt or None,
-            num_inference_steps=spec.steps,
-            guidance_scale=spec.guidance_scale,
-            width=spec.width,
-            height=spec.height,
-            generator=generator,
+            spec.negative_prompt,
+            spec.seed + i,
+            spec.steps,
+            spec.guidance_scale,
+            spec.width,
+            spec.height,
         )
-        images[f"prompt-{i}"] = result.images[0]
     return images
