@@ -22,7 +22,14 @@ if TYPE_CHECKING:
 class FusedAdafactor(Adafactor):
     """Adafactor that can also step a single parameter (``step_param``) with exactly its usual math."""
 
-    def step_param(self, param: torch.nn.Parameter, group: dict) -> None:
+    def __init__(self, params, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        # Positions, not group objects: accelerate's prepare and load_state replace the groups
+        # (keeping their order), and the lr scheduler writes to the live ones.
+        self.group_position = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
+
+    def step_param(self, param: torch.nn.Parameter) -> None:
+        group = self.param_groups[self.group_position[param]]
         # Adafactor.step walks self.param_groups: show it a group holding only this parameter.
         all_groups = self.param_groups
         self.param_groups = [{**group, "params": [param]}]
@@ -62,10 +69,9 @@ def make_lr_scheduler(params: TrainParams, optimizer: torch.optim.Optimizer) -> 
 
 def fuse_into_backward(optimizer: FusedAdafactor, parameters: Iterable[torch.nn.Parameter]) -> list:
     """Step each parameter as soon as backward has accumulated its gradient, then free that gradient."""
-    group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
 
     def step_and_free(param: torch.nn.Parameter) -> None:
-        optimizer.step_param(param, group_of[param])
+        optimizer.step_param(param)
         param.grad = None
 
     return [p.register_post_accumulate_grad_hook(step_and_free) for p in parameters]
