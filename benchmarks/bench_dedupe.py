@@ -33,8 +33,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from postertune.dedupe.hashing import default_workers, iter_hashes  # noqa: E402
+from postertune.dedupe.params import DedupeParams  # noqa: E402
 from postertune.dedupe.search import brute_force_pairs, choose_chunks, near_pairs  # noqa: E402
-from postertune.dedupe.table import DedupeParams  # noqa: E402
 from postertune.store import ShardStore, ShardWriter, sha256_hex  # noqa: E402
 from scripts.make_demo_data import draw_poster, encode  # noqa: E402
 

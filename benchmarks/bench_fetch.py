@@ -4,7 +4,7 @@
 
 Draws synthetic 600x900 JPEG posters (about 50-150 KB, cached under the system temp
 folder), serves them from memory with aiohttp in a separate process on 127.0.0.1, and
-times ``run_fetch`` (sources, downloads, decode checks, shards, journal, table) on a
+times the fetch stage's ``run`` (sources, downloads, decode checks, shards, journal, table) on a
 fresh store. The baseline, measured in the same run on the same images, is the guide's
 approach: a sequential loop that downloads each image with ``urllib`` and decodes it
 (once fully with Pillow, as a naive script would, and once with the same
@@ -25,6 +25,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from postertune.fetch.params import FetchParams  # noqa: E402
-from postertune.fetch.runner import run_fetch  # noqa: E402
+from postertune.fetch.run import run  # noqa: E402
 from postertune.imagesafe import inspect_image  # noqa: E402
 from postertune.params import build  # noqa: E402
 from postertune.store import sha256_hex  # noqa: E402
@@ -151,7 +152,7 @@ def stage_run(urls: list[str], work: Path, overrides: dict) -> None:
     pd.DataFrame({"url": urls}).to_csv(table, index=False)
     raw = {"sources": [{"name": "bench", "kind": "table", "path": str(table), "url_column": "url"}]}
     params = build(FetchParams, raw | {"allowed_schemes": ["http"], **overrides}, "fetch")
-    run_fetch(params, work / "shards", work / "images.parquet")
+    run(replace(params, shards=work / "shards", table=work / "images.parquet"))
     fetched = pd.read_parquet(work / "images.parquet")
     assert (fetched["status"] == "ok").all(), fetched["reason"].value_counts()
 
@@ -189,7 +190,7 @@ def main() -> None:
     methods = {
         baseline: partial(naive_loop, urls, full_decode),
         "sequential urllib + inspect_image (draft decode)": partial(naive_loop, urls, inspect_image),
-        f"fetch stage (run_fetch, {args.max_connections} conn, {args.max_connections_per_host}/host, "
+        f"fetch stage (run, {args.max_connections} conn, {args.max_connections_per_host}/host, "
         f"{args.decode_workers} decoders)": partial(fresh_stage_run, urls, overrides),
     }
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in methods}

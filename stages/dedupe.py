@@ -1,15 +1,8 @@
-"""dedupe: mark exact and near-duplicate posters in the fetched table (see postertune.dedupe)."""
+"""Stage dedupe: mark exact and near-duplicate posters in the fetched table."""
 
 from postertune.cli import run_stage
-from postertune.dedupe.table import DedupeParams, run_dedupe
-from postertune.metrics import write_metrics
-from postertune.params import section
-
-
-def main() -> None:
-    params = section(DedupeParams, "dedupe")
-    write_metrics("dedupe", run_dedupe(params))
-
+from postertune.dedupe.params import DedupeParams
+from postertune.dedupe.run import run
 
 if __name__ == "__main__":
-    run_stage("dedupe", main)
+    run_stage("dedupe", DedupeParams, run)

@@ -1,15 +1,8 @@
-"""filter: keep the deduplicated images that pass the guide's quality rules (see postertune.filtering)."""
+"""Stage filter: keep the deduplicated images that pass the guide's quality rules."""
 
 from postertune.cli import run_stage
-from postertune.filtering import FilterParams, run_filter
-from postertune.metrics import write_metrics
-from postertune.params import section
-
-
-def main() -> None:
-    params = section(FilterParams, "filter")
-    write_metrics("filter", run_filter(params))
-
+from postertune.filter.params import FilterParams
+from postertune.filter.run import run
 
 if __name__ == "__main__":
-    run_stage("filter", main)
+    run_stage("filter", FilterParams, run)

@@ -17,28 +17,24 @@ from pathlib import Path
 
 from postertune.cli import run_stage
 from postertune.errors import PipelineError
-from postertune.metrics import write_metrics
-from postertune.train.config import load_train_params
+from postertune.train.params import TrainParams
 
 ACCELERATE_CONFIG = "POSTERTUNE_ACCELERATE_CONFIG"
 
 
-def main() -> None:
-    logging.basicConfig(format="%(name)s: %(message)s")
-    logging.getLogger("postertune").setLevel(logging.INFO)
-    params = load_train_params()
+def launch_or_train(params: TrainParams) -> dict | None:
     config = os.environ.pop(ACCELERATE_CONFIG, None)  # the launched processes must not launch again
     if config:
         if not Path(config).is_file():
             raise PipelineError(f"{ACCELERATE_CONFIG}={config}: no such accelerate config file")
         launch = ["-m", "accelerate.commands.launch", "--config_file", config, "-m", "stages.train"]
         os.execv(sys.executable, [sys.executable, *launch])
-    from postertune.train.loop import train  # the heavy imports wait until the params are known good
+    from postertune.train.run import run  # the heavy imports wait until the params are known good
 
-    metrics = train(params)
-    if metrics is not None:
-        write_metrics("train", metrics)
+    return run(params)
 
 
 if __name__ == "__main__":
-    run_stage("train", main)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("postertune").setLevel(logging.INFO)
+    run_stage("train", TrainParams, launch_or_train)

@@ -8,7 +8,7 @@ import copy
 import io
 import json
 import shutil
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from postertune.caption.combine import combine_row
 from postertune.caption.export import KOHYA_FILE
 from postertune.caption.metadata import as_list, render_template
 from postertune.caption.params import CaptionParams, CombineParams
-from postertune.caption.runner import CaptionPaths, caption_images, run_caption
+from postertune.caption.run import CACHE_DIR, CAPTIONS, EXPORT_DIR, caption, caption_images
 from postertune.caption.tokens import CLIP_CONTEXT, token_counts
 from postertune.caption.wd14 import Wd14Tagger, wd14_input
 from postertune.errors import PipelineError
@@ -142,16 +142,30 @@ def poster(color: tuple[int, int, int], size=(24, 36), fmt="PNG", noise=0) -> by
     return out.getvalue()
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The caption stage's inputs and outputs under a test folder, where its params put them."""
+
+    root: Path
+
+    images = property(lambda self: self.root / "data/filtered/images.parquet")
+    store = property(lambda self: self.root / "data/raw/shards")
+    folder = property(lambda self: self.root / "data/captions")
+    output = property(lambda self: self.folder / CAPTIONS)
+    cache = property(lambda self: self.folder / CACHE_DIR)
+    export = property(lambda self: self.folder / EXPORT_DIR)
+
+
 @dataclass
 class Dataset:
     root: Path
-    paths: CaptionPaths
+    paths: Layout
     sha: dict[str, str]  # row name -> sha256
     data: dict[str, bytes]
 
 
-def layout(root: Path) -> CaptionPaths:
-    return CaptionPaths(**{f.name: root / getattr(CaptionPaths(), f.name) for f in fields(CaptionPaths)})
+def run_caption(params: CaptionParams, paths: Layout):
+    return caption(replace(params, images=paths.images, shards=paths.store, output=paths.folder))
 
 
 def make_dataset(root: Path) -> Dataset:
@@ -169,7 +183,7 @@ def make_dataset(root: Path) -> Dataset:
         "corrupt": ("Broken", "Horror", "Bits."),
         "missing": ("Lost", "Mystery", None),
     }
-    paths = layout(root)
+    paths = Layout(root)
     sha = {name: sha256_hex(blob) for name, blob in data.items()}
     with ShardWriter(paths.store) as writer:
         for name, blob in data.items():
@@ -384,7 +398,11 @@ def test_metadata_only_run_needs_no_images_and_reports_long_captions(dataset):
     frame.loc[0, "overview"] = "a very long story " * 20
     frame.to_parquet(dataset.paths.images, index=False)
     shutil.rmtree(dataset.paths.store)  # the metadata captioner reads no image
-    params = build(CaptionParams, {"combine": {"prepend_tags": ["movie poster"]}, "export": {"kohya_json": False}}, "c")
+    params = build(
+        CaptionParams,
+        {"combine": {"prepend_tags": ["movie poster"]}, "export": {"kohya_json": False, "sidecars": "none"}},
+        "c",
+    )
 
     report = run_caption(params, dataset.paths)
     out = pd.read_parquet(dataset.paths.output).set_index("title")

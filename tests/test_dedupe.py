@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,9 @@ from PIL import Image
 
 from postertune.dedupe.grouping import assign_duplicates, keep_priority
 from postertune.dedupe.hashing import METHOD, hex64, iter_hashes, load_cache, phash64, save_cache
+from postertune.dedupe.params import DedupeParams
+from postertune.dedupe.run import hash_images, mark_duplicates, run
 from postertune.dedupe.search import brute_force_pairs, multi_index_pairs, near_pairs
-from postertune.dedupe.table import DedupeParams, DedupePaths, hash_images, mark_duplicates, run_dedupe
 from postertune.errors import PipelineError
 from postertune.params import ParamError, build
 from postertune.store import ShardStore, ShardWriter, sha256_hex
@@ -291,12 +293,17 @@ def test_committed_params_are_valid():
 # --- the table and the stage -----------------------------------------------------------------
 
 
+def stage_paths(root: Path) -> dict[str, Path]:
+    """The dedupe params' paths, under a test folder."""
+    return dict(table=root / "data/raw/images.parquet", shards=root / "data/raw/shards", output=root / "data/dedup")
+
+
 def test_demo_set_groups_exactly_the_planted_duplicates(tmp_path):
     items = demo_images()
     write_raw(tmp_path, items)
-    paths = DedupePaths(tmp_path / "data/raw/images.parquet", tmp_path / "data/raw/shards", tmp_path / "data/dedup")
-    metrics = run_dedupe(DedupeParams(workers=1), paths)
-    marked = pd.read_parquet(paths.out / "images.parquet")
+    params = DedupeParams(workers=1, **stage_paths(tmp_path))
+    metrics = run(params)
+    marked = pd.read_parquet(params.output / "images.parquet")
     case_of = {url: meta["case"] for url, _, meta in items}
     sha_of_case = dict(zip(marked["url"].map(case_of), marked["sha256"], strict=True))
     for url, status, duplicate_of in zip(marked["url"], marked["dedupe_status"], marked["duplicate_of"], strict=True):
@@ -311,7 +318,7 @@ def test_demo_set_groups_exactly_the_planted_duplicates(tmp_path):
     assert metrics["exact_duplicates_removed"] == 2
     assert metrics["near_duplicates_removed"] == 3
     assert metrics["kept"] == 16
-    groups = pd.read_csv(paths.out / "groups.csv")
+    groups = pd.read_csv(params.output / "groups.csv")
     assert list(groups.columns) == [
         "group",
         "kept_sha256",
@@ -379,6 +386,5 @@ def test_stage_reports_bad_params_and_inputs_in_one_line(tmp_path):
 def test_an_image_missing_from_the_store_is_named_with_its_url(tmp_path):
     frame = write_raw(tmp_path, demo_images()[:3])
     (tmp_path / "data/raw/shards").rename(tmp_path / "elsewhere")
-    paths = DedupePaths(tmp_path / "data/raw/images.parquet", tmp_path / "data/raw/shards", tmp_path / "out")
     with pytest.raises(PipelineError, match=frame["url"][0]):
-        run_dedupe(DEFAULTS, paths)
+        run(replace(DEFAULTS, **stage_paths(tmp_path)))

@@ -34,7 +34,7 @@ from postertune.evaluate.aesthetic import load_aesthetic_head
 from postertune.evaluate.clip import TINY_ARCHITECTURE, TINY_OVERRIDES, check_weights, load_clip
 from postertune.evaluate.cmmd import mmd
 from postertune.evaluate.params import EvaluateParams
-from postertune.evaluate.run import evaluate
+from postertune.evaluate.run import evaluate, run
 from postertune.evaluate.samples import load_sample
 from postertune.evaluate.scoring import score_samples
 from postertune.evaluate.stats import bootstrap_interval, compare, paired_p_value, summarize, win_rate
@@ -43,7 +43,6 @@ from postertune.params import ParamError, build
 from postertune.sample.params import SampleParams
 from postertune.sample.run import sample
 from postertune.store import ShardWriter, sha256_hex
-from stages.evaluate import main as stage_main
 from tests.pipeline_repo import tool_env
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -66,6 +65,7 @@ def make_params(samples: Path, out: Path | None = None, **overrides) -> Evaluate
         bootstrap_resamples=1000,
         device="cpu",
         output=str(out or samples.parent / "eval"),
+        cmmd={"enabled": False},
     )
     data.update(overrides)
     return build(EvaluateParams, data, "evaluate")
@@ -378,7 +378,7 @@ def test_empty_samples_folder_stops_the_stage_with_one_line(tmp_path, monkeypatc
     )
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
-        run_stage("evaluate", stage_main)
+        run_stage("evaluate", EvaluateParams, run)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         f"evaluate: error: {empty}: no sample images (manifest.csv missing)"
@@ -447,7 +447,7 @@ def test_sample_then_evaluate_writes_scores_metrics_and_dvc_plots(tmp_path, monk
     report = sample(build(SampleParams, sample_params, "sample"))
     assert report.images == 16
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": evaluate_params}))
-    stage_main()
+    run_stage("evaluate", EvaluateParams, run)
 
     scores = pd.read_csv("data/eval/scores.csv")
     assert len(scores) == 16 and set(scores["model"]) == {"finetuned", "base"}

@@ -18,6 +18,7 @@ import time
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,7 +36,7 @@ from PIL import Image
 from postertune.errors import PipelineError
 from postertune.fetch.http import retry_after_seconds
 from postertune.fetch.params import FetchParams, SourceParams
-from postertune.fetch.runner import run_fetch
+from postertune.fetch.run import run
 from postertune.fetch.sources import read_source
 from postertune.params import ParamError, build
 from postertune.store import ShardStore, sha256_hex
@@ -262,6 +263,10 @@ def table_params(table: Path, **overrides: object) -> dict:
     source = {"name": "web", "kind": "table", "path": str(table), "url_column": "image"}
     source["metadata_columns"] = {"title": "title"}
     return {"sources": [source], **FAST, **overrides}
+
+
+def run_fetch(params: FetchParams, shards: Path, table: Path) -> dict:
+    return run(replace(params, shards=shards, table=table))
 
 
 def fetch(tmp: Path, raw: dict) -> tuple[pd.DataFrame, dict]:

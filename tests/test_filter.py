@@ -13,8 +13,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from postertune.dedupe.table import DedupeParams, DedupePaths, run_dedupe
-from postertune.filtering import RULES, FilterParams, apply_filter, failing_rules
+from postertune.dedupe.params import DedupeParams
+from postertune.dedupe.run import run as run_dedupe
+from postertune.filter.params import FilterParams
+from postertune.filter.run import RULES, apply_filter, failing_rules
 from postertune.params import ParamError, build
 from tests.raw_tables import PROJECT, demo_images, write_raw
 
@@ -137,8 +139,8 @@ def deduplicated_demo(tmp_path_factory) -> Path:
     """The demo set after fetch and dedupe, as ``data/dedup/images.parquet`` in a work folder."""
     root = tmp_path_factory.mktemp("demo")
     write_raw(root, demo_images())
-    paths = DedupePaths(root / "data/raw/images.parquet", root / "data/raw/shards", root / "data/dedup")
-    run_dedupe(DedupeParams(workers=1), paths)
+    tables = dict(table=root / "data/raw/images.parquet", shards=root / "data/raw/shards", output=root / "data/dedup")
+    run_dedupe(DedupeParams(workers=1, **tables))
     return root
 
 

@@ -10,13 +10,13 @@ import pytest
 import yaml
 
 from postertune.caption.params import CaptionParams
-from postertune.dedupe.table import DedupeParams
+from postertune.dedupe.run import DedupeParams
 from postertune.evaluate.params import EvaluateParams
 from postertune.fetch.params import FetchParams
-from postertune.filtering import FilterParams
+from postertune.filter.run import FilterParams
 from postertune.params import build
 from postertune.sample.params import SampleParams
-from postertune.train.config import TrainParams
+from postertune.train.params import TrainParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {

@@ -27,9 +27,8 @@ from postertune.sample.grid import make_grid
 from postertune.sample.manifest import MANIFEST_NAME, read_manifest
 from postertune.sample.params import SampleParams
 from postertune.sample.prompts import combine_negative, load_presets, load_prompts
-from postertune.sample.run import sample
+from postertune.sample.run import run, sample
 from postertune.sample.schedulers import SCHEDULERS, make_scheduler
-from stages.sample import main as stage_main
 
 PROJECT = Path(__file__).resolve().parents[1]
 PROMPTS = PROJECT / "data" / "prompts" / "posters.csv"
@@ -217,7 +216,7 @@ def test_missing_model_path_stops_the_stage_with_one_line(tmp_path, monkeypatch,
     )
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
-        run_stage("sample", stage_main)
+        run_stage("sample", SampleParams, run)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         f"sample: error: param sample.models[0].base: {missing}: no such file or folder"

@@ -19,8 +19,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from postertune.train.config import load_train_params
-from postertune.train.loop import train
+from postertune.train.params import load_train_params
+from postertune.train.run import run as train
 from tests.train_inputs import fresh_process_state, write_dataset, write_params
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ RECIPE = dict(
     caption_dropout_rate=0.3,
     long_caption_ratio=0.5,
     noise_offset=0.05,
-    validation_split=1,
+    validation={"split": 1},
     # Some gradients are pure rounding noise (a bias right before a one-channel group norm is
     # cancelled exactly); Adam's default eps 1e-8 would blow that noise up to full-size steps whose
     # sign depends on summation order. A larger eps leaves real gradients alone and noise tiny.

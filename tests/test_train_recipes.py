@@ -27,9 +27,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from postertune.store import ShardWriter, sha256_hex
-from postertune.train.config import TrainParams, load_train_params
-from postertune.train.loop import train
 from postertune.train.optim import make_lr_scheduler, make_optimizer
+from postertune.train.params import TrainParams, load_train_params
+from postertune.train.run import run as train
 from tests.train_inputs import fresh_process_state, poster_bytes, write_params
 
 pytestmark = pytest.mark.usefixtures(fresh_process_state.__name__)
@@ -51,11 +51,9 @@ SCALED = dict(
     max_bucket_reso=192,
     batch_size=1,
     max_train_steps=STEPS,
-    validation_split=1,
-    validation_every_n_steps=0,
-    sample_every_n_steps=0,
-    checkpointing_steps=1,
-    checkpoints_total_limit=STEPS,
+    validation={"split": 1, "every_n_steps": 0},
+    samples={"every_n_steps": 0},
+    checkpoints={"every_n_steps": 1, "total_limit": STEPS},
     dataloader_num_workers=0,
 )
 
@@ -213,7 +211,7 @@ def test_fused_adafactor_trains_exactly_as_unfused(tmp_path, monkeypatch, schedu
         folder = tmp_path / str(fused)
         folder.mkdir()
         write_twin_posters(folder)
-        write_params(folder, **{**matrix_recipe("Adafactor", fused, schedule), "checkpointing_steps": 0})
+        write_params(folder, **{**matrix_recipe("Adafactor", fused, schedule), "checkpoints": {"every_n_steps": 0}})
         monkeypatch.chdir(folder)
         train(load_train_params(folder / "params.yaml"))
         final[fused] = load_file(folder / "models/unet/diffusion_pytorch_model.safetensors")

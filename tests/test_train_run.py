@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from postertune.errors import PipelineError
 from postertune.models.single_file import UNET_PREFIX, unet_to_original
 from postertune.params import ParamError
-from postertune.train.config import load_train_params
-from postertune.train.loop import train
+from postertune.train.params import load_train_params
+from postertune.train.run import run as train
 from tests.train_inputs import fresh_process_state, write_dataset, write_params
 
 PORTRAIT, SQUARE = (200, 300), (300, 300)
@@ -56,12 +56,9 @@ def test_training_a_few_posters_lowers_the_loss_and_writes_every_output(workdir)
     metrics = run(
         workdir,
         max_train_steps=40,
-        validation_split=1,
-        validation_every_n_steps=20,
-        sample_every_n_steps=20,
-        sample_prompts=["movie poster, genre1, bold letters"],
-        sample_steps=2,
-        checkpointing_steps=20,
+        validation={"split": 1, "every_n_steps": 20},
+        samples={"every_n_steps": 20, "prompts": ["movie poster, genre1, bold letters"], "steps": 2},
+        checkpoints={"every_n_steps": 20},
     )
 
     losses = [value for _, value in curve(workdir, "train/loss")]
@@ -114,10 +111,8 @@ RESUMABLE = dict(
     keep_tokens=1,
     caption_dropout_rate=0.25,
     long_caption_ratio=0.5,
-    validation_split=1,
-    validation_every_n_steps=2,
-    checkpointing_steps=2,
-    checkpoints_total_limit=2,
+    validation={"split": 1, "every_n_steps": 2},
+    checkpoints={"every_n_steps": 2, "total_limit": 2},
 )
 
 
@@ -157,7 +152,7 @@ def test_only_a_checkpoint_of_the_same_recipe_is_resumed(workdir):
     again = run(workdir, max_train_steps=2)
     assert again["steps"] == 3 and again["images_per_s"] == 0.0 and again["train_loss"] == first["train_loss"]
     assert len(curve(workdir, "train/loss")) == 3
-    fresh = run(workdir, max_train_steps=2, resume="never")
+    fresh = run(workdir, max_train_steps=2, checkpoints={"resume": "never"})
     assert fresh["steps"] == 2 and fresh["images_seen"] == 4
     changed = run(workdir, max_train_steps=2, learning_rate=2e-3)  # another recipe: from the start
     assert changed["steps"] == 2 and len(list((workdir / "models/checkpoints").iterdir())) == 2
@@ -166,7 +161,7 @@ def test_only_a_checkpoint_of_the_same_recipe_is_resumed(workdir):
 def test_nan_loss_stops_at_its_step_and_keeps_earlier_checkpoints(workdir):
     write_dataset(workdir, [PORTRAIT, SQUARE])
     with pytest.raises(PipelineError) as caught:
-        run(workdir, max_train_steps=20, learning_rate=1.0e4, max_grad_norm=0.0, checkpointing_steps=1)
+        run(workdir, max_train_steps=20, learning_rate=1.0e4, max_grad_norm=0.0, checkpoints={"every_n_steps": 1})
     message = str(caught.value)
     assert "\n" not in message
     assert "loss is nan at step 2" in message
@@ -211,7 +206,7 @@ def test_lean_mode_adafactor_fused_into_backward_in_bf16(workdir):
         ({"vae": "missing-vae-folder/"}, "train.vae"),
         ({"captions": "empty.parquet"}, "train.captions"),
         ({"captions": "no-such.parquet"}, "train.captions"),
-        ({"validation_split": 5}, "train.validation_split"),
+        ({"validation": {"split": 5}}, "train.validation.split"),
     ],
 )
 def test_bad_params_fail_before_any_model_loads(workdir, overrides, name):
@@ -231,7 +226,7 @@ def test_stage_reports_bad_params_in_one_line(workdir):
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
     proc = subprocess.run([sys.executable, "-m", "stages.train"], cwd=workdir, env=env, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "train: error: param train.keep_tokens: must not be negative, got -1"
+    assert proc.stderr.strip() == "train: error: param train.keep_tokens: must be at least 0, got -1"
     assert not (workdir / "metrics").exists()
 
 

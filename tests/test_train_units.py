@@ -24,17 +24,23 @@ from postertune.params import ParamError, build
 from postertune.store import ShardStore
 from postertune.train.buckets import Bucket, make_buckets, nearest_bucket, plan_crop
 from postertune.train.captions import CaptionPolicy, shuffle_tags, split_tags
-from postertune.train.config import TrainParams, check_runtime
 from postertune.train.data import BucketBatchSampler, TrainDataset, plan_entries, read_examples, split_validation
 from postertune.train.latent_cache import LatentCache, vae_cache_id
 from postertune.train.loss import diffusion_loss, draw_noise, min_snr_weights
-from postertune.train.optim import FusedAdafactor, fuse_into_backward, make_lr_scheduler, make_optimizer
+from postertune.train.optim import (
+    FusedAdafactor,
+    check_optimizer_args,
+    fuse_into_backward,
+    make_lr_scheduler,
+    make_optimizer,
+)
+from postertune.train.params import TrainParams, check_runtime
 from postertune.train.tracking import TrainLog
-from tests.train_inputs import FAST_PARAMS, fresh_process_state, write_dataset
+from tests.train_inputs import fresh_process_state, train_section, write_dataset
 
 
 def params(**overrides) -> TrainParams:
-    return build(TrainParams, {**FAST_PARAMS, **overrides}, "train")
+    return build(TrainParams, train_section(**overrides), "train")
 
 
 # --- buckets, crops, micro-conditioning -------------------------------------------------
@@ -230,7 +236,7 @@ def test_validation_images_are_chosen_by_hash(tmp_path):
     assert {e.sha256 for e in held} == set(sorted(e.sha256 for e in examples)[:3])
     # a fraction of the same table, in another order, holds out the same images
     assert {e.sha256 for e in split_validation(examples[::-1], 0.3)[1]} == {e.sha256 for e in held}
-    with pytest.raises(ParamError, match="train.validation_split"):
+    with pytest.raises(ParamError, match="train.validation.split"):
         split_validation(examples, 10)
 
 
@@ -258,15 +264,17 @@ def test_validation_images_are_chosen_by_hash(tmp_path):
         ({"full_bf16": True}, "train.full_bf16"),
         ({"bucket_step": 20}, "train.bucket_step"),
         ({"resolution": 100}, "train.resolution"),
-        ({"validation_split": 1.5}, "train.validation_split"),
+        ({"validation": {"split": 1.5}}, "train.validation.split"),
         ({"caption_dropout_rate": 2.0}, "train.caption_dropout_rate"),
-        ({"validation_timesteps": [1000]}, "train.validation_timesteps"),
+        ({"validation": {"timesteps": [1000]}}, "train.validation.timesteps[0]"),
+        ({"learning_rate": float("nan")}, "train.learning_rate"),
+        ({"samples": {"steps": 0}}, "train.samples.steps"),
         ({"epochs": 3}, "train.epochs"),
     ],
 )
 def test_bad_params_name_the_parameter(overrides, name):
     with pytest.raises(ParamError) as caught:
-        params(**overrides)
+        check_optimizer_args(params(**overrides))  # the optimizer's own args: tried before any model loads
     assert caught.value.name == name
     assert "\n" not in str(caught.value)
 
@@ -303,7 +311,10 @@ def test_long_runs_warn_about_overfitting(caplog):
 
 def test_identity_ignores_what_does_not_shape_the_weights():
     a = params()
-    assert a.identity() == params(sample_every_n_steps=5, checkpointing_steps=3, max_train_steps=60).identity()
+    assert (
+        a.identity()
+        == params(samples={"every_n_steps": 5}, checkpoints={"every_n_steps": 3}, max_train_steps=60).identity()
+    )
     assert a.identity() != params(learning_rate=2e-3).identity()
     linear = params(lr_scheduler="linear")
     assert linear.identity() != params(lr_scheduler="linear", max_train_steps=60).identity()

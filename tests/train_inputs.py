@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from postertune.store import ShardWriter, sha256_hex
 
 # Small and quick: buckets 64x128, 96x96 and 128x64; a few steps of the tiny model.
+NESTED = ("validation", "samples", "checkpoints")
 FAST_PARAMS = dict(
     base="tiny",
     captions="captions.parquet",
@@ -29,11 +30,17 @@ FAST_PARAMS = dict(
     learning_rate=1.0e-3,
     optimizer="AdamW",
     lr_scheduler="constant",
+    lr_warmup_steps=0,
+    optimizer_args={},
+    shuffle_caption=False,
+    keep_tokens=0,
+    caption_dropout_rate=0.0,
+    long_caption_ratio=0.0,
     noise_offset=0.05,
     snr_gamma=5.0,
-    validation_split=0,
-    checkpointing_steps=0,
-    sample_every_n_steps=0,
+    validation={"split": 0},
+    checkpoints={"every_n_steps": 0},
+    samples={"every_n_steps": 0},
 )
 
 
@@ -75,9 +82,20 @@ def write_dataset(folder: Path, sizes: list[tuple[int, int]]) -> pd.DataFrame:
     return frame
 
 
+def train_section(**overrides) -> dict:
+    """``FAST_PARAMS`` with ``overrides``; a nested section (``validation={...}``) updates its keys."""
+    section = {key: dict(value) if isinstance(value, dict) else value for key, value in FAST_PARAMS.items()}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(section.get(key), dict) and key in NESTED:
+            section[key].update(value)
+        else:
+            section[key] = value
+    return section
+
+
 def write_params(folder: Path, **overrides) -> Path:
     path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump({"train": {**FAST_PARAMS, **overrides}}, sort_keys=False))
+    path.write_text(yaml.safe_dump({"train": train_section(**overrides)}, sort_keys=False))
     return path
 
 

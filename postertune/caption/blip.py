@@ -13,6 +13,7 @@ from postertune.caption.cache import CaptionRecord
 from postertune.caption.params import BlipParams
 from postertune.devices import resolve_device
 from postertune.errors import PipelineError
+from postertune.models.precision import torch_dtype
 from postertune.params import ParamError
 
 
@@ -38,7 +39,7 @@ class BlipCaptioner:
             raise ParamError("caption.blip.model", f"{path} is not a model folder (no config.json there)")
         try:
             self.processor = BlipProcessor.from_pretrained(params.model)
-            self.model = BlipForConditionalGeneration.from_pretrained(params.model, dtype=getattr(torch, params.dtype))
+            self.model = BlipForConditionalGeneration.from_pretrained(params.model, dtype=torch_dtype(params.dtype))
         except (OSError, ValueError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PipelineError(f"param caption.blip.model: cannot load {params.model!r}: {reason}") from None

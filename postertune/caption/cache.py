@@ -10,8 +10,6 @@ the ones the last run used.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import pyarrow.parquet as pq
 
 from postertune.atomic import atomic_path, write_json
 from postertune.errors import PipelineError
+from postertune.fingerprint import short_fingerprint
 
 _PART = re.compile(r"^part-(\d{6,})\.parquet$")
 _SCHEMA = pa.schema(
@@ -51,14 +50,10 @@ class CaptionRecord:
         return self.skip is None
 
 
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
 class CaptionCache:
     def __init__(self, root: Path, captioner: str, settings: dict):
         self.settings = settings
-        self.folder = Path(root) / f"{captioner}-{settings_hash(settings)}"
+        self.folder = Path(root) / f"{captioner}-{short_fingerprint(settings)}"
         self.records: dict[str, CaptionRecord] = {}
         for part in self._parts():
             self.records.update(_read_part(part))

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from postertune.atomic import atomic_dir
 from postertune.caption.params import ExportParams
 from postertune.errors import PipelineError
-from postertune.models.atomic_dir import atomic_dir
 from postertune.store import ShardStore
 
 KOHYA_FILE = "kohya_metadata.json"

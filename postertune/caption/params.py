@@ -42,14 +42,14 @@ class MetadataParams:
 class BlipParams:
     model: str = "Salesforce/blip-image-captioning-large"  # hub id or local folder
     device: Device = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["float", "fp16", "bf16"] = "float"
     batch_size: int = 8
     decoding: Literal["beam", "nucleus"] = "beam"
     num_beams: int = 3
     top_p: float = 0.9
     min_length: int = 5
     max_length: int = 40
-    prefix: str = ""  # conditional captioning, e.g. "a poster of"
+    prefix: str = "a poster of"  # conditional captioning ("": unconditional)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,7 +86,7 @@ class Wd14Params:
     general_threshold: float = 0.35
     character_threshold: float = 0.85
     rating: bool = False  # prepend the most likely rating tag (general, sensitive, ...)
-    undesired_tags: list[str] = field(default_factory=list)
+    undesired_tags: list[str] = field(default_factory=lambda: ["watermark", "signature", "artist name", "web address"])
     replace_underscores: bool = True
     always_first_tags: list[str] = field(default_factory=list)
 
@@ -113,9 +113,9 @@ class Wd14Params:
 @dataclass(frozen=True)
 class CombineParams:
     # Fixed tags that open every tag list and short caption, so keep_tokens can pin them.
-    prepend_tags: list[str] = field(default_factory=list)
+    prepend_tags: list[str] = field(default_factory=lambda: ["movie poster"])
     # Metadata columns whose values become tags too (genres), after the tagger's tags.
-    tag_columns: list[str] = field(default_factory=list)
+    tag_columns: list[str] = field(default_factory=lambda: ["genres"])
     # The short caption is the tag list when the tagger ran; otherwise the first of these.
     short_fallback: list[Literal["metadata", "blip"]] = field(default_factory=lambda: ["metadata", "blip"])
     # The long, descriptive caption: the first of these that has text, else the short one.
@@ -125,7 +125,7 @@ class CombineParams:
 @dataclass(frozen=True)
 class ExportParams:
     kohya_json: bool = True  # kohya-ss fine-tuning metadata: {sha256: {"caption", "tags"}}
-    sidecars: Literal["none", "caption", "caption_long"] = "none"  # one <sha256>.txt per image
+    sidecars: Literal["none", "caption", "caption_long"] = "caption"  # one <sha256>.txt per image
     images: bool = False  # copy the image bytes beside the sidecars as <sha256>.<ext>
 
 
@@ -140,6 +140,9 @@ class CaptionParams:
     wd14: Wd14Params = field(default_factory=Wd14Params)
     combine: CombineParams = field(default_factory=CombineParams)
     export: ExportParams = field(default_factory=ExportParams)
+    images: Path = Path("data/filtered/images.parquet")  # the filter stage's kept images
+    shards: Path = Path("data/raw/shards")
+    output: Path = Path("data/captions")  # captions.parquet, cache/ (per captioner), export/
 
     def __post_init__(self) -> None:
         if not self.captioners:

@@ -16,10 +16,10 @@ TINY_CLIP = "tiny"  # a tiny random open_clip model: every step runs, the number
 class CmmdParams:
     """CLIP-embedding MMD between each model's images and real posters (Jayasumana et al. 2024)."""
 
-    enabled: bool = False
+    enabled: bool = True
     images: Path = Path("data/filtered/images.parquet")
     shards: Path = Path("data/raw/shards")
-    max_images: int = 1000
+    max_images: int = 200
     sigma: float = 10.0
     scale: float = 1000.0
 
@@ -33,8 +33,8 @@ class CmmdParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     samples: Path = Path("data/samples")
-    clip_model: str = "ViT-L-14-quickgelu"  # an open_clip model name, or "tiny"
-    clip_weights: str | None = "openai"  # a pretrained tag (hub), a weights file or an open_clip folder
+    clip_model: str = "tiny"  # an open_clip model name (real: ViT-L-14-quickgelu), or "tiny"
+    clip_weights: str | None = None  # a pretrained tag (hub, e.g. openai), a weights file or an open_clip folder
     aesthetic_head: Path | None = None  # sac+logos+ava1-l14-linearMSE.pth; none: random (tiny only)
     candidate: str = "finetuned"  # compared against every other sampled model
     seed: int = 0  # tiny models' weights and the bootstrap / permutation draws

@@ -28,6 +28,13 @@ class EvaluateReport:
     metrics: dict
 
 
+def run(params: EvaluateParams) -> dict:
+    """Score, summarise and compare; print the per-model summary; return the stage metrics."""
+    report = evaluate(params)
+    print(report.summary.to_string(index=False))
+    return report.metrics
+
+
 def evaluate(params: EvaluateParams) -> EvaluateReport:
     """Check every input first, then score, summarise, compare and write the tables."""
     check_weights(params)

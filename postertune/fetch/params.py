@@ -71,6 +71,8 @@ class FetchParams:
     shard_max_images: int = 2048
     shard_max_bytes: int = 512_000_000
     shard_max_seconds: float = 60.0
+    shards: Path = Path("data/raw/shards")  # the shard store every later stage reads images from
+    table: Path = Path("data/raw/images.parquet")  # one row per source row: url, status, reason, size
 
     def __post_init__(self) -> None:
         if not self.sources:

@@ -36,9 +36,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from postertune.atomic import write_json
+from postertune.atomic import atomic_dir, write_json
 from postertune.errors import PipelineError
-from postertune.models.atomic_dir import atomic_dir
 from postertune.models.precision import Precision, cast_state_dict
 from postertune.models.sources import TINY, ModelSource, SourceKind, source_kind
 from postertune.models.tiny import build_tiny_pipeline

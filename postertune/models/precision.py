@@ -1,4 +1,5 @@
-"""The precisions a model is saved in, as the guide's ``save_precision`` names them."""
+"""The one table of torch dtypes by the names params use: ``save_precision`` (float, fp16, bf16)
+and ``mixed_precision`` (no, fp16, bf16)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ def torch_dtype(precision: Precision) -> torch.dtype:
         return DTYPES[precision]
     except KeyError:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(DTYPES)}") from None
+
+
+def compute_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype frozen models compute in under a ``mixed_precision`` setting (``no``: float32)."""
+    return torch_dtype("float" if mixed_precision == "no" else mixed_precision)
 
 
 def cast_state_dict(state_dict: dict[str, torch.Tensor], precision: Precision) -> dict[str, torch.Tensor]:

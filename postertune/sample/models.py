@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from diffusers import StableDiffusionXLPipeline
 
+from postertune.fingerprint import fingerprint_files, fingerprint_json
 from postertune.models.loading import load_pipeline, load_unet, pipeline_from_source
 from postertune.models.precision import Precision, torch_dtype
 from postertune.models.sources import ModelSource, validate_model_source
 from postertune.params import ParamError
 from postertune.sample.params import SampledModel
-from postertune.train.fingerprint import fingerprint_json
-
-WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx"}
 
 
 def check_models(models: list[SampledModel]) -> None:
@@ -33,29 +30,6 @@ def check_models(models: list[SampledModel]) -> None:
             raise ParamError(f"{where}.unet", f"{model.unet} {what}")
 
 
-def _files(path: Path, weights: bool) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = [
-        p
-        for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    ]
-    if not weights:
-        files = [p for p in files if p.suffix not in WEIGHT_SUFFIXES]
-    return sorted(files, key=lambda p: p.relative_to(path).as_posix())
-
-
-def content_hash(path: Path, weights: bool = True) -> str:
-    """sha256 over the relative names and bytes of every file (a file: its bytes)."""
-    digest = hashlib.sha256()
-    for file in _files(path, weights):
-        name = file.name if path.is_file() else file.relative_to(path).as_posix()
-        with file.open("rb") as f:
-            digest.update(f"{name}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
-    return digest.hexdigest()
-
-
 def fingerprints(models: list[SampledModel]) -> dict[str, str]:
     """Per model, a hash of the weights it renders with: same fingerprint, same images.
 
@@ -70,7 +44,7 @@ def fingerprints(models: list[SampledModel]) -> dict[str, str]:
             return f"name:{value}"
         key = (str(path.resolve()), weights)
         if key not in hashed:
-            hashed[key] = content_hash(path, weights)
+            hashed[key] = fingerprint_files(path, weights)
         return hashed[key]
 
     result = {}

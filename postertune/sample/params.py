@@ -30,19 +30,22 @@ class SampleParams:
     models: list[SampledModel]
     prompts: Path = Path("data/prompts/posters.csv")
     negative_presets: Path = Path("data/prompts/negative_presets.yaml")
-    prompt_ids: list[str] = field(default_factory=list)  # empty: every prompt in the file
+    # empty: every prompt in the file
+    prompt_ids: list[str] = field(
+        default_factory=lambda: ["pet_bag", "skincare_essence", "space_thriller", "mecha_anime"]
+    )
     negative: list[str] = field(default_factory=lambda: ["basic"])  # presets for rows that name none
     negative_text: str = ""  # free text appended to every negative prompt
     images_per_prompt: int = 2
     seed: int = 0  # image i of every prompt uses seed + i, for every model
     scheduler: str = "euler"
-    steps: int = 30
-    guidance_scale: float = 7.0
-    width: int = 1024
-    height: int = 1024
+    steps: int = 4
+    guidance_scale: float = 5.0
+    width: int = 64
+    height: int = 96
     precision: Precision = "float"
     device: str = "auto"
-    grid_cell_width: int = 256
+    grid_cell_width: int = 128
     output: Path = Path("data/samples")
 
     def __post_init__(self) -> None:

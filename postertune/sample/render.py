@@ -19,6 +19,7 @@ from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from postertune.atomic import write_bytes
+from postertune.fingerprint import short_fingerprint
 from postertune.imagesafe import load_image
 from postertune.models.render import render
 from postertune.models.tokenizer import clip_tokenizer
@@ -28,14 +29,9 @@ from postertune.sample.models import load_model
 from postertune.sample.params import SampleParams
 from postertune.sample.prompts import Prompt, combine_negative
 from postertune.sample.schedulers import make_scheduler
-from postertune.train.fingerprint import fingerprint_json
 
 IMAGES_DIR = "images"
 GRIDS_DIR = "grids"
-
-
-def short_hash(value: object) -> str:
-    return fingerprint_json(value)[:16]
 
 
 @dataclass(frozen=True)
@@ -49,7 +45,9 @@ class Job:
 
     @property
     def key(self) -> str:
-        return short_hash([self.model_hash, self.prompt.prompt, self.negative_prompt, self.seed, self.settings_hash])
+        return short_fingerprint(
+            [self.model_hash, self.prompt.prompt, self.negative_prompt, self.seed, self.settings_hash]
+        )
 
     @property
     def path(self) -> str:
@@ -82,7 +80,7 @@ def plan_jobs(
     params: SampleParams, model_hashes: dict[str, str], prompts: list[Prompt], presets: dict[str, str]
 ) -> list[Job]:
     """Every model gets the same (prompt, seed) pairs."""
-    settings_hash = short_hash(params.settings)
+    settings_hash = short_fingerprint(params.settings)
     jobs = []
     for model in params.models:
         for prompt in prompts:

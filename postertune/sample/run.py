@@ -19,6 +19,21 @@ class SampleReport:
     warnings: list[str]
 
 
+def run(params: SampleParams) -> dict:
+    """Render what is missing, redraw the grids, print what happened; return the stage metrics."""
+    report = sample(params)
+    for warning in report.warnings:
+        print(f"sample: warning: {warning}")
+    result = report.result
+    print(f"sample: {result.rendered} rendered, {result.reused} reused, {len(report.grids)} grids in {params.output}")
+    return {
+        "images": report.images,
+        "rendered": result.rendered,
+        "reused": result.reused,
+        "render_seconds": round(result.seconds, 1),
+    }
+
+
 def sample(params: SampleParams) -> SampleReport:
     """Check every input first, then render what is missing and redraw the grids."""
     check_models(params.models)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from postertune.train.config import TrainParams
+from postertune.train.params import TrainParams
 
 
 @dataclass(frozen=True)

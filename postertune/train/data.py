@@ -22,9 +22,9 @@ from postertune.errors import PipelineError
 from postertune.params import ParamError
 from postertune.train.buckets import Bucket, make_buckets, nearest_bucket, plan_crop
 from postertune.train.captions import CaptionPolicy
-from postertune.train.config import TrainParams
 from postertune.train.latent_cache import LatentCache, LatentEntry
 from postertune.train.loss import draw_noise
+from postertune.train.params import TrainParams
 from postertune.train.text import TextCache
 
 REQUIRED_COLUMNS = ("sha256", "caption", "width", "height")
@@ -80,7 +80,7 @@ def split_validation(examples: list[Example], split: int | float) -> tuple[list[
     count = split if isinstance(split, int) else (max(1, round(len(examples) * split)) if split > 0 else 0)
     if count >= len(examples):
         raise ParamError(
-            "train.validation_split", f"holds out {count} of {len(examples)} images: none left to train on"
+            "train.validation.split", f"holds out {count} of {len(examples)} images: none left to train on"
         )
     held = set(sorted(e.sha256 for e in examples)[:count])
     return [e for e in examples if e.sha256 not in held], [e for e in examples if e.sha256 in held]

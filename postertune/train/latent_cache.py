@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from postertune.atomic import atomic_path
 from postertune.errors import PipelineError
+from postertune.fingerprint import fingerprint_module
 from postertune.imagesafe import ImageRejected, load_image
 from postertune.store import ShardStore
 from postertune.train.buckets import Crop
-from postertune.train.fingerprint import fingerprint_module
 
 CACHE_FORMAT = 1  # bump when the way pixels become latents changes (resampling, value range)
 

@@ -8,6 +8,7 @@ in about 10 GB).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -15,8 +16,10 @@ import torch
 from diffusers.optimization import get_scheduler
 from transformers.optimization import Adafactor, AdafactorSchedule
 
+from postertune.params import ParamError
+
 if TYPE_CHECKING:
-    from postertune.train.config import TrainParams
+    from postertune.train.params import TrainParams
 
 
 class FusedAdafactor(Adafactor):
@@ -75,3 +78,23 @@ def fuse_into_backward(optimizer: FusedAdafactor, parameters: Iterable[torch.nn.
         param.grad = None
 
     return [p.register_post_accumulate_grad_hook(step_and_free) for p in parameters]
+
+
+def check_optimizer_args(params: TrainParams) -> None:
+    """Build the optimizer and schedule on a stand-in weight, so bad names and values fail before
+    any model loads."""
+    if params.optimizer == "AdamW8bit":
+        return  # bitsandbytes checks its arguments on the device it runs on
+    accepted = inspect.signature(optimizer_class(params.optimizer).__init__).parameters
+    for key in params.optimizer_args:
+        if key not in accepted or key in ("self", "params", "lr"):
+            raise ParamError(f"train.optimizer_args.{key}", f"not an argument of {params.optimizer}")
+    # Whatever a constructor raises on this stand-in weight, the args alone are to blame.
+    try:
+        optimizer = make_optimizer(params, [torch.nn.Parameter(torch.zeros(2, 2))])
+    except Exception as exc:
+        raise ParamError("train.optimizer_args", f"{params.optimizer} rejects them: {exc}") from None
+    try:
+        make_lr_scheduler(params, optimizer)
+    except Exception as exc:
+        raise ParamError("train.lr_scheduler_args", f"{params.lr_scheduler} rejects them: {exc}") from None

@@ -9,16 +9,16 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from postertune.models.loading import SDXLComponents
+from postertune.models.precision import compute_dtype
 from postertune.models.sources import validate_model_source
 from postertune.params import ParamError
 from postertune.store import ShardStore
 from postertune.train.captions import CaptionPolicy
-from postertune.train.config import TrainParams, check_runtime
 from postertune.train.data import Example, plan_entries, read_examples, split_validation
 from postertune.train.latent_cache import LatentCache, LatentEntry, vae_cache_id
+from postertune.train.params import TrainParams, check_runtime
 from postertune.train.text import PromptEncoder, TextCache
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
@@ -39,7 +39,7 @@ def check_inputs(params: TrainParams) -> Inputs:
     absent = [e.sha256 for e in examples if e.sha256 not in store]
     if absent:
         raise ParamError("train.shards", f"{params.shards}: {len(absent)} captioned image(s) missing, e.g. {absent[0]}")
-    train, validation = split_validation(examples, params.validation_split)
+    train, validation = split_validation(examples, params.validation.split)
     return Inputs(train, validation)
 
 
@@ -56,14 +56,14 @@ def make_accelerator(params: TrainParams) -> Accelerator:
     if accelerator.distributed_type in SHARDED:
         if params.use_ema:
             raise ParamError("train.use_ema", "not available with sharded training (FSDP, DeepSpeed)")
-        if params.sample_every_n_steps:
-            raise ParamError("train.sample_every_n_steps", "must be 0 with sharded training (FSDP, DeepSpeed)")
+        if params.samples.every_n_steps:
+            raise ParamError("train.samples.every_n_steps", "must be 0 with sharded training (FSDP, DeepSpeed)")
     return accelerator
 
 
 def place_models(params: TrainParams, components: SDXLComponents, device: torch.device) -> torch.dtype:
     """Freeze and place the VAE and text encoders; make every U-Net weight trainable. Returns the VAE dtype."""
-    weight_dtype = DTYPES[params.mixed_precision]
+    weight_dtype = compute_dtype(params.mixed_precision)
     vae_dtype = torch.float32 if params.no_half_vae else weight_dtype
     for frozen, dtype in (
         (components.vae, vae_dtype),

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from postertune.atomic import atomic_path
-from postertune.train.fingerprint import fingerprint_module
+from postertune.fingerprint import fingerprint_module
 
 
 class PromptEncoder:

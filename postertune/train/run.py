@@ -18,15 +18,15 @@ from accelerate.utils import DistributedType
 from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
+from postertune.fingerprint import fingerprint_json, fingerprint_module
 from postertune.models.loading import SDXLComponents, load_components, save_base_folder, save_unet
 from postertune.models.single_file import save_single_file
 from postertune.train.buckets import make_buckets, nearest_bucket
 from postertune.train.checkpoint import Checkpoints
-from postertune.train.config import TrainParams
 from postertune.train.data import BucketBatchSampler, TrainDataset, collate
 from postertune.train.ema import UNetEMA
-from postertune.train.fingerprint import fingerprint_json, fingerprint_module
-from postertune.train.optim import fuse_into_backward, make_lr_scheduler, make_optimizer
+from postertune.train.optim import check_optimizer_args, fuse_into_backward, make_lr_scheduler, make_optimizer
+from postertune.train.params import TrainParams
 from postertune.train.sampling import SampleSpec, sample_images
 from postertune.train.setup import Caches, Inputs, check_inputs, fill_caches, make_accelerator, place_models
 from postertune.train.step import StepConfig, to_device, training_step
@@ -40,9 +40,10 @@ POSTER_ASPECT = (2, 3)  # samples are drawn in the bucket nearest a 2:3 poster
 TINY_BASE_SEED = 0  # the demo base model's random weights stay the same whatever the training seed
 
 
-def train(params: TrainParams) -> dict | None:
+def run(params: TrainParams) -> dict | None:
     """Fine-tune, write ``models/`` and the DVCLive logs; return the numbers for ``metrics/train.json``
     on the main process (``None`` on the others)."""
+    check_optimizer_args(params)
     inputs = check_inputs(params)
     accelerator = make_accelerator(params)
     main, device = accelerator.is_main_process, accelerator.device
@@ -54,7 +55,7 @@ def train(params: TrainParams) -> dict | None:
     global_batch = params.batch_size * accelerator.num_processes * params.gradient_accumulation_steps
     identity = run_identity(params, inputs, components, caches, global_batch)
     checkpoints = Checkpoints(
-        params.output_dir / "checkpoints", fingerprint_json(identity), params.checkpoints_total_limit
+        params.output_dir / "checkpoints", fingerprint_json(identity), params.checkpoints.total_limit
     )
 
     optimizer = make_optimizer(params, unet.parameters())
@@ -70,7 +71,7 @@ def train(params: TrainParams) -> dict | None:
         accelerator.register_for_checkpointing(ema.model)
 
     state = {"step": 0, "images_seen": 0, "train_loss": None}
-    latest = checkpoints.latest() if params.resume == "auto" else None
+    latest = checkpoints.latest() if params.checkpoints.resume == "auto" else None
     if latest is not None:
         state = checkpoints.load(accelerator, latest)
         if main:
@@ -84,7 +85,7 @@ def train(params: TrainParams) -> dict | None:
         caches.latents,
         caches.encode,
         caches.policy,
-        params.validation_timesteps,
+        params.validation.timesteps,
         params.seed,
     )
     tracker = TrainLog(LIVE_DIR, start_step if latest is not None else None, main)
@@ -98,7 +99,7 @@ def train(params: TrainParams) -> dict | None:
         return value
 
     def sample(step: int) -> None:
-        if main and params.sample_prompts:
+        if main and params.samples.prompts:
             components.vae.to(device)
             with accelerator.autocast():
                 images = sample_images(components, accelerator.unwrap_model(unet), sample_spec(params))
@@ -141,11 +142,11 @@ def train(params: TrainParams) -> dict | None:
         tracker.metrics(step, metrics)
         progress.update(1)
         progress.set_postfix(loss=f"{train_loss:.4f}")
-        if params.validation_every_n_steps and step % params.validation_every_n_steps == 0:
+        if params.validation.every_n_steps and step % params.validation.every_n_steps == 0:
             val_loss, val_step = evaluate(step), step
-        if params.sample_every_n_steps and step % params.sample_every_n_steps == 0:
+        if params.samples.every_n_steps and step % params.samples.every_n_steps == 0:
             sample(step)
-        if params.checkpointing_steps and step % params.checkpointing_steps == 0:
+        if params.checkpoints.every_n_steps and step % params.checkpoints.every_n_steps == 0:
             checkpoints.save(accelerator, state, identity)
             saved_step = step
     progress.close()
@@ -232,11 +233,11 @@ def sample_spec(params: TrainParams) -> SampleSpec:
     )
     size = nearest_bucket(*POSTER_ASPECT, buckets)
     return SampleSpec(
-        params.sample_prompts,
-        params.sample_negative_prompt,
-        params.sample_seed,
-        params.sample_steps,
-        params.sample_guidance_scale,
+        params.samples.prompts,
+        params.samples.negative_prompt,
+        params.samples.seed,
+        params.samples.steps,
+        params.samples.guidance_scale,
         size.width,
         size.height,
     )

@@ -20,57 +20,19 @@ typical JPEG web posters score below it, so a JPEG source may want a lower floor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from postertune.atomic import write_parquet
 from postertune.errors import PipelineError
-from postertune.params import ParamError
+from postertune.filter.params import FilterParams
 from postertune.tables import read_stage_table
 
 RULES = ("format", "too_small", "too_large", "aspect", "low_kb_per_pixel", "low_dpi", "missing_dpi")
 REQUIRED_COLUMNS = ("sha256", "width", "height", "format", "dpi", "bytes", "dedupe_status")
-
-
-@dataclass(frozen=True)
-class FilterParams:
-    min_side: int = 512
-    max_side: int = 1024
-    min_kb_per_pixel: float = 0.0005
-    min_dpi: float = 96.0
-    missing_dpi: Literal["keep", "drop"] = "keep"
-    min_aspect: float = 0.5
-    max_aspect: float = 2.0
-    allowed_formats: tuple[str, ...] = field(default=("JPEG", "PNG", "WEBP"))
-
-    def __post_init__(self) -> None:
-        if self.min_side < 1:
-            raise ParamError("filter.min_side", f"must be at least 1, got {self.min_side}")
-        if self.max_side < self.min_side:
-            raise ParamError("filter.max_side", f"must be at least min_side ({self.min_side}), got {self.max_side}")
-        if self.min_kb_per_pixel < 0:
-            raise ParamError("filter.min_kb_per_pixel", f"must not be negative, got {self.min_kb_per_pixel}")
-        if self.min_dpi < 0:
-            raise ParamError("filter.min_dpi", f"must not be negative, got {self.min_dpi}")
-        if self.min_aspect <= 0:
-            raise ParamError("filter.min_aspect", f"must be positive, got {self.min_aspect}")
-        if self.max_aspect < self.min_aspect:
-            raise ParamError(
-                "filter.max_aspect", f"must be at least min_aspect ({self.min_aspect}), got {self.max_aspect}"
-            )
-        if not self.allowed_formats:
-            raise ParamError("filter.allowed_formats", "must name at least one format")
-        known = set(Image.registered_extensions().values())
-        for index, name in enumerate(self.allowed_formats):
-            if name not in known:
-                raise ParamError(
-                    f"filter.allowed_formats[{index}]", f"{name!r} is not a Pillow format name such as JPEG, PNG, WEBP"
-                )
 
 
 def failing_rules(images: pd.DataFrame, params: FilterParams) -> pd.DataFrame:
@@ -131,15 +93,9 @@ def read_deduplicated(path: Path) -> pd.DataFrame:
     return kept
 
 
-@dataclass(frozen=True)
-class FilterPaths:
-    table: Path = Path("data/dedup/images.parquet")
-    out: Path = Path("data/filtered")
-
-
-def run_filter(params: FilterParams, paths: FilterPaths = FilterPaths()) -> dict:
+def run(params: FilterParams) -> dict:
     """Filter the kept images; write the kept and dropped tables; return metrics."""
-    result = apply_filter(read_deduplicated(paths.table), params)
-    write_parquet(paths.out / "images.parquet", result.kept)
-    write_parquet(paths.out / "dropped.parquet", result.dropped)
+    result = apply_filter(read_deduplicated(params.table), params)
+    write_parquet(params.output / "images.parquet", result.kept)
+    write_parquet(params.output / "dropped.parquet", result.dropped)
     return result.metrics

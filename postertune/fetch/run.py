@@ -9,7 +9,6 @@ a run that was killed and resumed writes the same table as one that was not.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pandas as pd
 
@@ -25,8 +24,9 @@ IMAGE_COLUMNS = ["width", "height", "format", "dpi", "bytes", "status", "reason"
 DTYPES = {"row": "int64", "width": "Int64", "height": "Int64", "dpi": "float64", "bytes": "Int64"}
 
 
-def run_fetch(params: FetchParams, shards: Path, table_path: Path) -> dict:
+def run(params: FetchParams) -> dict:
     """Fetch every source of ``params``; write the table; return the stage metrics."""
+    shards = params.shards
     read = [(source, read_source(source)) for source in params.sources]
     entries = [entry for _, rows in read for entry in rows.entries]
 
@@ -51,7 +51,7 @@ def run_fetch(params: FetchParams, shards: Path, table_path: Path) -> dict:
     known.update(run.outcomes)
     metadata_names = list(dict.fromkeys(name for source, _ in read for name in source.metadata_columns))
     table = build_table(entries, known, metadata_names)
-    write_parquet(table_path, table)
+    write_parquet(params.table, table)
     return fetch_metrics(table, read, run.requests, len(to_fetch), reused, run.seconds)
 
 

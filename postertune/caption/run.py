@@ -29,15 +29,7 @@ from postertune.store import ShardStore
 
 REQUIRED_COLUMNS = ("sha256", "width", "height")
 CURRENT_CACHES = "current.json"
-
-
-@dataclass(frozen=True)
-class CaptionPaths:
-    images: Path = Path("data/filtered/images.parquet")
-    store: Path = Path("data/raw/shards")
-    output: Path = Path("data/captions/captions.parquet")
-    cache: Path = Path("data/captions/cache")
-    export: Path = Path("data/captions/export")
+CAPTIONS, CACHE_DIR, EXPORT_DIR = "captions.parquet", "cache", "export"  # in params.output
 
 
 @dataclass
@@ -169,11 +161,23 @@ def _loader(name: str, params: CaptionParams) -> tuple[Callable[[], ImageCaption
     return (lambda: Wd14Tagger(params.wd14)), params.wd14.settings()
 
 
-def run_caption(params: CaptionParams, paths: CaptionPaths = CaptionPaths()) -> CaptionReport:
-    table = read_images(paths.images)
-    check_columns(table, params, paths.images)
+def run(params: CaptionParams) -> dict:
+    """Caption the kept images; print what ran; return the stage metrics."""
+    report = caption(params)
+    ran = ", ".join(f"{name} {count}" for name, count in report.computed.items()) or "none"
+    print(
+        f"caption: {report.metrics['captioned']}/{report.metrics['images']} images captioned; model runs this time: {ran}"
+    )
+    return report.metrics
+
+
+def caption(params: CaptionParams) -> CaptionReport:
+    """Run the captioners in order (each only on images its cache lacks), combine, write, export."""
+    table = read_images(params.images)
+    check_columns(table, params, params.images)
     shas = table["sha256"].tolist()
-    store = ShardStore(paths.store)
+    store = ShardStore(params.shards)
+    cache_root = params.output / CACHE_DIR
     results: dict[str, dict[str, CaptionRecord]] = {}
     computed: dict[str, int] = {}
     current: dict[str, str] = {}  # captioner -> the cache folder this run's settings use
@@ -183,14 +187,14 @@ def run_caption(params: CaptionParams, paths: CaptionPaths = CaptionPaths()) -> 
                 results[name] = caption_metadata(table, params.metadata)
                 continue
             load, settings = _loader(name, params)
-            cache = CaptionCache(paths.cache, name, settings)
+            cache = CaptionCache(cache_root, name, settings)
             computed[name] = caption_images(load, cache, shas, store, params)
             results[name] = {sha: cache.records[sha] for sha in shas}
             current[name] = cache.folder.name
-        write_json(paths.cache / CURRENT_CACHES, current)
+        write_json(cache_root / CURRENT_CACHES, current)
         captions = combine_captions(table, results, params.combine)
-        write_parquet(paths.output, captions)
-        export_dataset(paths.export, captions, params.export, store)
+        write_parquet(params.output / CAPTIONS, captions)
+        export_dataset(params.output / EXPORT_DIR, captions, params.export, store)
     finally:
         store.close()
     return CaptionReport(caption_metrics(len(table), captions, results), computed)

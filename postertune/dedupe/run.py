@@ -10,7 +10,6 @@ left out (``data/raw/images.parquet`` keeps them, with their reasons).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,44 +17,16 @@ import pandas as pd
 from tqdm import tqdm
 
 from postertune.atomic import write_parquet, write_text
-from postertune.dedupe.grouping import KeepCriterion, assign_duplicates, keep_priority
+from postertune.dedupe.grouping import assign_duplicates, keep_priority
 from postertune.dedupe.hashing import default_workers, hex64, iter_hashes, load_cache, save_cache
+from postertune.dedupe.params import DedupeParams
 from postertune.errors import PipelineError
-from postertune.params import ParamError
 from postertune.store import ShardStore
 from postertune.tables import read_stage_table
 
 REQUIRED_COLUMNS = ("sha256", "url", "width", "height", "bytes", "dpi", "status")
 CHECKPOINT_SECONDS = 30.0
-HASH_BITS = 64
-
-
-@dataclass(frozen=True)
-class DedupeParams:
-    max_distance: int = 10  # Hamming distance between 64-bit pHashes that still counts as the same poster
-    keep_order: tuple[KeepCriterion, ...] = ("pixels", "kb_per_pixel")
-    workers: int = 0  # hashing processes; 0: one per available core
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.max_distance < HASH_BITS // 2:
-            raise ParamError("dedupe.max_distance", f"must be within 0..{HASH_BITS // 2 - 1}, got {self.max_distance}")
-        if not self.keep_order:
-            raise ParamError("dedupe.keep_order", "must name at least one criterion")
-        if len(set(self.keep_order)) != len(self.keep_order):
-            raise ParamError("dedupe.keep_order", f"names a criterion twice: {list(self.keep_order)}")
-        if self.workers < 0:
-            raise ParamError("dedupe.workers", f"must be 0 (one per core) or more, got {self.workers}")
-
-
-@dataclass(frozen=True)
-class DedupePaths:
-    table: Path = Path("data/raw/images.parquet")
-    shards: Path = Path("data/raw/shards")
-    out: Path = Path("data/dedup")
-
-    @property
-    def hash_cache(self) -> Path:
-        return self.out / "phash_cache.parquet"
+HASH_CACHE = "phash_cache.parquet"  # in the output folder: a rerun hashes only new images
 
 
 def read_fetched(path: Path) -> tuple[pd.DataFrame, int]:
@@ -142,23 +113,23 @@ def duplicate_groups(marked: pd.DataFrame) -> pd.DataFrame:
     return groups[list(columns)].rename(columns=columns).reset_index(drop=True)
 
 
-def run_dedupe(params: DedupeParams, paths: DedupePaths = DedupePaths()) -> dict:
+def run(params: DedupeParams) -> dict:
     """Mark duplicates in the fetch table; write the marked table and the groups; return metrics."""
-    rows, failed = read_fetched(paths.table)
-    store = ShardStore(paths.shards)
+    rows, failed = read_fetched(params.table)
+    store = ShardStore(params.shards)
     shas = list(dict.fromkeys(rows["sha256"]))
     absent = [sha for sha in shas if sha not in store]
     if absent:
         row = int(np.flatnonzero(rows["sha256"] == absent[0])[0])
-        raise PipelineError(f"{paths.table}: image {absent[0]} of url {rows['url'][row]} is not in {paths.shards}")
+        raise PipelineError(f"{params.table}: image {absent[0]} of url {rows['url'][row]} is not in {params.shards}")
     with store:
-        hashes, timing = hash_images(store, shas, params.workers, paths.hash_cache)
+        hashes, timing = hash_images(store, shas, params.workers, params.output / HASH_CACHE)
     started = time.monotonic()
     marked = mark_duplicates(rows, hashes, params)
     search_seconds = time.monotonic() - started
     groups = duplicate_groups(marked)
-    write_parquet(paths.out / "images.parquet", marked)
-    write_text(paths.out / "groups.csv", groups.to_csv(index=False))
+    write_parquet(params.output / "images.parquet", marked)
+    write_text(params.output / "groups.csv", groups.to_csv(index=False))
     status = marked["dedupe_status"].value_counts()
     return {
         "images_in": len(rows),

@@ -1,0 +1,247 @@
+"""The ``train:`` section of ``params.yaml``: every knob of the fine-tune, checked on load.
+
+Names follow the guide and kohya-ss/sd-scripts (``mixed_precision``, ``save_precision``,
+``keep_tokens``, ``shuffle_caption``, ``noise_offset``, ``optimizer_args``,
+``lr_scheduler_args`` …). Everything that can be checked without a model, data or torch is
+checked here, so a bad ``dvc exp run -S`` fails in well under a second with one line; the
+optimizer's own arguments are tried on a stand-in weight when the run starts, before any
+model loads (``optim.check_optimizer_args``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from postertune.params import Bounds, Invalid, MultipleOf, ParamError, section
+
+log = logging.getLogger(__name__)
+
+OVERFIT_STEPS = 5000  # the guide (after EMU): fine-tunes past ~5k steps over-fit and lose generality
+
+Optimizer = Literal["AdamW", "AdamW8bit", "Adafactor"]
+LRScheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+    "adafactor",
+]
+# lr_scheduler_args each scheduler of diffusers' get_scheduler understands
+SCHEDULER_ARGS: dict[str, set[str]] = {
+    "cosine": {"num_cycles"},
+    "cosine_with_restarts": {"num_cycles"},
+    "polynomial": {"power"},
+    "piecewise_constant": {"step_rules"},
+}
+
+
+NonNegative = Bounds(ge=0)
+AtLeastOne = Bounds(ge=1)
+Fraction = Bounds(ge=0, le=1)
+Timestep = Annotated[int, Bounds(ge=0, lt=1000)]
+
+
+@dataclass(frozen=True)
+class ValidationParams:
+    """Loss on held-out images at fixed timesteps and noise: comparable across steps and runs."""
+
+    split: Annotated[int | float, NonNegative] = 2  # an image count (int) or a fraction below 1 (float)
+    every_n_steps: Annotated[int, NonNegative] = 10  # 0: never
+    timesteps: list[Timestep] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+
+    def __post_init__(self) -> None:
+        if isinstance(self.split, float) and self.split >= 1.0:
+            raise Invalid("split", "a fraction must lie below 1 (or give an image count)")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Images rendered during training, logged beside the loss curves."""
+
+    every_n_steps: Annotated[int, NonNegative] = 25  # 0: never
+    prompts: list[str] = field(default_factory=lambda: ["movie poster, thriller, neon city at night, bold title"])
+    negative_prompt: str = "worst quality, low quality, blurry, watermark"
+    seed: int = 0
+    steps: Annotated[int, AtLeastOne] = 4
+    guidance_scale: Annotated[float, NonNegative] = 5.0
+
+
+@dataclass(frozen=True)
+class CheckpointParams:
+    every_n_steps: Annotated[int, NonNegative] = 25  # 0: only the final weights
+    total_limit: Annotated[int, AtLeastOne] = 2
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from a checkpoint of the same recipe
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    # models
+    base: str = "tiny"  # "tiny", a diffusers folder, a hub id, or a single-file .safetensors
+    vae: str | None = None  # VAE override, e.g. madebyollin/sdxl-vae-fp16-fix
+    no_half_vae: bool = True  # keep the VAE in float32 under fp16/bf16 mixed precision
+    # data
+    captions: Path = Path("data/captions/captions.parquet")  # the caption stage's table
+    shards: Path = Path("data/raw/shards")
+    cache_dir: Path = Path("models/cache")  # latents and text embeddings, reused across runs
+    output_dir: Path = Path("models")  # base/, unet/, sdxl-poster.safetensors, checkpoints/
+    max_image_pixels: Annotated[int, AtLeastOne] = 50_000_000
+    # buckets and crops
+    resolution: Annotated[int, AtLeastOne] = 128
+    bucket_step: Annotated[int, Bounds(ge=8), MultipleOf(8)] = 32  # the VAE downscales by 8
+    min_bucket_reso: Annotated[int, AtLeastOne] = 64
+    max_bucket_reso: Annotated[int, AtLeastOne] = 256
+    max_aspect_ratio: Annotated[float, Bounds(ge=1)] = 2.0
+    random_crop: bool = False
+    flip_aug: bool = False  # off by default: posters carry text
+    # captions
+    shuffle_caption: bool = True
+    keep_tokens: Annotated[int, NonNegative] = 1
+    caption_dropout_rate: Annotated[float, Fraction] = 0.1
+    long_caption_ratio: Annotated[float, Fraction] = 0.5
+    # optimisation
+    seed: int = 42
+    batch_size: Annotated[int, AtLeastOne] = 4  # per process
+    gradient_accumulation_steps: Annotated[int, AtLeastOne] = 1
+    max_train_steps: Annotated[int, AtLeastOne] = 50
+    learning_rate: Annotated[float, Bounds(gt=0)] | None = 5e-4
+    optimizer: Optimizer = "AdamW"
+    optimizer_args: dict[str, Any] = field(default_factory=lambda: {"weight_decay": 0.01})
+    lr_scheduler: LRScheduler = "constant_with_warmup"
+    lr_warmup_steps: Annotated[int, NonNegative] = 5
+    lr_scheduler_args: dict[str, Any] = field(default_factory=dict)
+    max_grad_norm: Annotated[float, NonNegative] = 1.0
+    fused_backward_pass: bool = False
+    noise_offset: Annotated[float, NonNegative] = 0.0357
+    snr_gamma: Annotated[float, Bounds(gt=0)] | None = 5.0  # null: no min-SNR weighting
+    # precision and speed
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    save_precision: Literal["float", "fp16", "bf16"] = "float"
+    full_bf16: bool = False  # U-Net weights themselves in bf16 (lean mode)
+    gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    channels_last: bool = False
+    dataloader_num_workers: Annotated[int, NonNegative] = 0
+    # EMA
+    use_ema: bool = False
+    ema_decay: Annotated[float, Bounds(gt=0, lt=1)] = 0.9999
+    ema_device: Literal["cpu", "accelerator"] = "accelerator"
+    # what a run logs, renders and keeps besides the weights
+    validation: ValidationParams = field(default_factory=ValidationParams)
+    samples: SamplingParams = field(default_factory=SamplingParams)
+    checkpoints: CheckpointParams = field(default_factory=CheckpointParams)
+
+    def __post_init__(self) -> None:
+        self._check_buckets()
+        self._check_optimizer()
+        self._check_scheduler()
+        if self.full_bf16 and self.mixed_precision != "bf16":
+            raise Invalid("full_bf16", "needs mixed_precision bf16")
+        if self.max_train_steps > OVERFIT_STEPS:
+            log.warning(
+                "train.max_train_steps=%d is past %d: fine-tunes that long over-fit and lose generality (EMU)",
+                self.max_train_steps,
+                OVERFIT_STEPS,
+            )
+
+    def _check_buckets(self) -> None:
+        for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
+            if getattr(self, name) % self.bucket_step:
+                raise Invalid(name, f"must be a multiple of bucket_step ({self.bucket_step})")
+        if not self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
+            raise Invalid("resolution", "must lie within min_bucket_reso … max_bucket_reso")
+
+    def _check_optimizer(self) -> None:
+        if self.optimizer == "AdamW8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise Invalid("optimizer", "AdamW8bit needs the bitsandbytes package, which is not installed")
+        if self.optimizer == "Adafactor":
+            relative_step = self.optimizer_args.get("relative_step", True)
+            if relative_step and self.learning_rate is not None:
+                raise Invalid(
+                    "learning_rate",
+                    "must be null with Adafactor relative_step (it sets its own step size); "
+                    "or set optimizer_args.relative_step: false",
+                )
+            if relative_step != (self.lr_scheduler == "adafactor"):
+                raise Invalid("lr_scheduler", "Adafactor with relative_step goes with lr_scheduler adafactor only")
+        elif self.lr_scheduler == "adafactor":
+            raise Invalid("lr_scheduler", "adafactor is for the Adafactor optimizer with relative_step")
+        if self.learning_rate is None and self.lr_scheduler != "adafactor":
+            raise Invalid("learning_rate", "required unless Adafactor sets its own (relative_step)")
+        if self.fused_backward_pass:
+            if self.optimizer != "Adafactor":
+                raise Invalid("fused_backward_pass", "needs optimizer Adafactor")
+            if self.gradient_accumulation_steps != 1:
+                raise Invalid("fused_backward_pass", "steps per parameter during backward: no gradient accumulation")
+            if self.max_grad_norm:
+                raise Invalid(
+                    "max_grad_norm",
+                    "must be 0 with fused_backward_pass (the whole gradient never exists at once; "
+                    "Adafactor's clip_threshold bounds each update)",
+                )
+            if self.mixed_precision == "fp16":
+                raise Invalid("fused_backward_pass", "does not work with fp16 loss scaling; use bf16")
+
+    def _check_scheduler(self) -> None:
+        accepted = SCHEDULER_ARGS.get(self.lr_scheduler, set())
+        for key in self.lr_scheduler_args:
+            if key not in accepted:
+                known = ", ".join(sorted(accepted)) or "none"
+                raise Invalid(f"lr_scheduler_args.{key}", f"not used by {self.lr_scheduler} (it takes: {known})")
+        if self.lr_scheduler == "piecewise_constant" and "step_rules" not in self.lr_scheduler_args:
+            raise Invalid("lr_scheduler_args.step_rules", "required by piecewise_constant, e.g. '1:10,0.1'")
+        if self.lr_warmup_steps and self.lr_scheduler in ("constant", "piecewise_constant", "adafactor"):
+            raise Invalid("lr_warmup_steps", f"{self.lr_scheduler} does not warm up; use constant_with_warmup")
+
+    @property
+    def augments_captions(self) -> bool:
+        """Whether a caption can differ between steps (then text embeddings cannot be cached)."""
+        return self.shuffle_caption or self.caption_dropout_rate > 0 or 0.0 < self.long_caption_ratio < 1.0
+
+    def identity(self) -> dict[str, Any]:
+        """The params that shape the trained weights: a checkpoint resumes only when these match.
+
+        A longer ``max_train_steps`` resumes a finished run, unless the learning-rate
+        schedule stretches with it.
+        """
+        values = asdict(self)
+        for name in RUN_ONLY:
+            values.pop(name)
+        values["validation"] = {"split": self.validation.split}  # which images train; the rest only logs
+        if self.lr_scheduler not in SCHEDULES_OVER_TOTAL_STEPS:
+            values.pop("max_train_steps")
+        return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+
+# Params that change what a run logs, samples or keeps, never the weights it trains
+# (of ``validation``, only ``split`` shapes the weights: it decides which images train).
+RUN_ONLY = (
+    "captions",
+    "shards",
+    "output_dir",
+    "cache_dir",
+    "dataloader_num_workers",
+    "samples",
+    "checkpoints",
+    "save_precision",
+    "ema_device",
+    "gradient_checkpointing",
+    "torch_compile",
+)
+SCHEDULES_OVER_TOTAL_STEPS = {"linear", "cosine", "cosine_with_restarts", "polynomial"}
+
+
+def load_train_params(path: Path = Path("params.yaml")) -> TrainParams:
+    return section(TrainParams, "train", path)
+
+
+def check_runtime(params: TrainParams, accelerator_available: bool) -> None:
+    """Checks that depend on the machine, not the params alone: run before any model loads."""
+    if not accelerator_available and params.mixed_precision == "fp16":
+        raise ParamError("train.mixed_precision", "fp16 needs a GPU; this run is CPU-only (use no or bf16)")
