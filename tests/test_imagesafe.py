@@ -24,11 +24,7 @@ def png16(pixels: np.ndarray, colour_type: int, trns: bytes | None = None) -> by
     header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
     extra = chunk(b"tRNS", trns) if trns is not None else b""
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + extra
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + extra + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
     )
 
 
