@@ -1,6 +1,12 @@
 """Decode untrusted image bytes safely: every payload is hostile until proven an image.
 
 Rejections carry a short reason code that lands in the image table and the metrics.
+
+Every decoded image comes out as 8-bit RGB as the poster shows it: a 16-bit image is
+scaled (never clipped) to 8 bits, transparency is composited onto a background colour
+(white unless a caller says otherwise) instead of exposing the RGB hidden under it, a
+palette is expanded with its transparency, and CMYK is converted through its embedded
+ICC profile when it has one.
 """
 
 from __future__ import annotations
@@ -9,13 +15,16 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 Image.LOAD_TRUNCATED_IMAGES = False
 # Pillow's own bomb check is a warning below 2x its limit; ours is a hard cap per call.
 Image.MAX_IMAGE_PIXELS = None
 
 DEFAULT_MAX_PIXELS = 50_000_000
+WHITE = (255, 255, 255)
+_SRGB = ImageCms.createProfile("sRGB")
 
 
 class ImageRejected(Exception):
@@ -62,9 +71,15 @@ def _dpi(img: Image.Image) -> float | None:
     return round(value, 2) if value > 0 else None
 
 
-def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None) -> Image.Image:
+def load_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: tuple[int, int] | None = None,
+    background: tuple[int, int, int] = WHITE,
+) -> Image.Image:
     """Fully decode ``data`` to RGB. ``draft`` lets JPEG decode at a reduced scale
-    (DCT scaling): still reads every byte of the stream, so truncation is caught."""
+    (DCT scaling): still reads every byte of the stream, so truncation is caught.
+    Transparent pixels are composited onto ``background``."""
     img = _open(data, max_pixels)
     try:
         if draft is not None and img.format == "JPEG":
@@ -77,9 +92,53 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[i
             "truncated" if "truncated" in str(exc).lower() or isinstance(exc, (OSError, SyntaxError)) else "corrupt"
         )
         raise ImageRejected(reason, str(exc)) from None
-    if img.mode != "RGB":
-        img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() or img.mode == "P" else img.convert("RGB")
-    return img
+    try:
+        return to_rgb(img, background)
+    except Exception as exc:  # a hostile palette or profile must cost its image, never the caller
+        raise ImageRejected("corrupt", f"{img.mode}: {exc}") from None
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """``img`` as 8-bit RGB, as it is meant to be seen."""
+    transparency = img.info.get("transparency")
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _grey_to_8bit(img, transparency)
+    elif img.mode == "CMYK":
+        img = _cmyk_to_rgb(img)
+    bands = img.getbands()
+    if "A" in bands or "a" in bands or "transparency" in img.info or img.mode in ("P", "PA"):
+        rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:
+            canvas = Image.new("RGBA", rgba.size, (*background, 255))
+            return Image.alpha_composite(canvas, rgba).convert("RGB")
+        return rgba.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _grey_to_8bit(img: Image.Image, transparency: object) -> Image.Image:
+    """16-bit (or 32-bit int, or float) grey to 8 bits by scaling, not by clipping."""
+    values = np.asarray(img)
+    if img.mode == "F":
+        grey = np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
+    else:
+        wide = values.astype(np.int64)
+        grey = np.clip((wide * 255 + 32767) // 65535, 0, 255).astype(np.uint8)
+    out = Image.fromarray(grey, "L")
+    if isinstance(transparency, int) and img.mode != "F":
+        alpha = np.where(values == transparency, 0, 255).astype(np.uint8)
+        out = Image.merge("LA", (out, Image.fromarray(alpha, "L")))
+    return out
+
+
+def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
+    profile = img.info.get("icc_profile")
+    if profile:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            return ImageCms.profileToProfile(img, source, _SRGB, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+            pass  # a damaged profile: the plain conversion below
+    return img.convert("RGB")
 
 
 def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:

@@ -15,6 +15,7 @@ import os
 import re
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,22 +96,40 @@ class ShardStore:
 
 
 class ShardWriter:
-    """Append images to the store; a shard is closed after ``max_images`` images,
-    ``max_bytes`` bytes or ``max_seconds`` seconds, whichever comes first, so a killed
-    run loses at most one open shard's worth of work."""
+    """Append images to the store. The writer alone decides when a shard closes: after
+    ``max_images`` images, ``max_bytes`` bytes or ``max_seconds`` seconds, whichever comes
+    first (the age is checked on every ``add`` and on ``close_if_old``, which a caller may
+    call on a timer), so a killed run loses at most one open shard's worth of work.
 
-    def __init__(self, root: Path | str, max_images: int = 4096, max_bytes: int = 1 << 30, max_seconds: float = 30.0):
+    ``before_publish`` runs once a closing shard is complete on disk and before it is
+    renamed into place: a caller records what the shard holds there, so a published shard
+    is always covered by that record, whatever moment the process is killed at.
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        max_images: int = 4096,
+        max_bytes: int = 1 << 30,
+        max_seconds: float = 30.0,
+        before_publish: Callable[[], None] | None = None,
+    ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in self.root.glob(f".shard-*{PARTIAL_SUFFIX}"):
             leftover.unlink()
         self.max_images, self.max_bytes, self.max_seconds = max_images, max_bytes, max_seconds
+        self.before_publish = before_publish
         existing = [int(m.group(1)) for p in self.root.iterdir() if (m := SHARD_PATTERN.match(p.name))]
         self._next = max(existing, default=-1) + 1
         self._tar: tarfile.TarFile | None = None
         self._count = self._bytes = 0
         self._opened = 0.0
         self.written: set[str] = set()
+
+    @property
+    def is_open(self) -> bool:
+        return self._tar is not None
 
     def _partial(self) -> Path:
         return self.root / f".shard-{self._next:05d}.tar{PARTIAL_SUFFIX}"
@@ -119,7 +138,8 @@ class ShardWriter:
         if sha in self.written:
             return
         if self._tar is None:
-            self._tar = tarfile.open(self._partial(), "w:", format=tarfile.USTAR_FORMAT, copybufsize=self.max_bytes)
+            copybufsize = min(self.max_bytes, 1 << 24)
+            self._tar = tarfile.open(self._partial(), "w:", format=tarfile.USTAR_FORMAT, copybufsize=copybufsize)
             self._count = self._bytes = 0
             self._opened = time.monotonic()
         info = tarfile.TarInfo(sha)
@@ -136,6 +156,11 @@ class ShardWriter:
         ):
             self.flush()
 
+    def close_if_old(self) -> None:
+        """Close the open shard if it has been open ``max_seconds`` or longer."""
+        if self._tar is not None and time.monotonic() - self._opened >= self.max_seconds:
+            self.flush()
+
     def flush(self) -> None:
         """Close the open shard and publish it under its final name."""
         if self._tar is None:
@@ -145,6 +170,8 @@ class ShardWriter:
         partial = self._partial()
         with open(partial, "rb") as f:
             os.fsync(f.fileno())
+        if self.before_publish is not None:
+            self.before_publish()
         os.replace(partial, self.root / f"shard-{self._next:05d}.tar")
         self._next += 1
 

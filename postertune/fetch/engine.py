@@ -22,11 +22,12 @@ from postertune.fetch.http import HttpClient
 from postertune.fetch.journal import Journal, StoredImage
 from postertune.fetch.local import Payload, read_archive, read_file
 from postertune.fetch.params import FetchParams
-from postertune.fetch.urls import local_target, scheme_of
+from postertune.fetch.urls import LocalTarget
 from postertune.imagesafe import ImageRejected, inspect_image
 from postertune.store import ShardWriter, sha256_hex
 
 PUBLISH_CHECK_S = 1.0
+Job = tuple[str, LocalTarget | None]  # a URL, and the local file behind it (None for the web)
 
 
 @dataclass(frozen=True)
@@ -52,88 +53,116 @@ def verify(payload: Payload, max_pixels: int) -> Outcome:
     except ImageRejected as exc:
         return Outcome(payload.url, reason=exc.reason)
     image = StoredImage(
-        payload.url, sha256_hex(payload.data), info.width, info.height, info.format, info.dpi, len(payload.data)
+        payload.url,
+        sha256_hex(payload.data),
+        info.width,
+        info.height,
+        info.format,
+        info.dpi,
+        len(payload.data),
+        payload.stamp,
     )
     return Outcome(payload.url, image)
 
 
 class ShardPublisher:
-    """Adds images to the open shard and publishes it when full or old enough.
+    """Hands images to the shard writer, which decides when a shard closes; journals them.
 
-    The journal segment is written before the shard is renamed into place, so a published
-    shard is always covered by the journal, whatever moment the process is killed at.
+    The writer calls back before it renames a closed shard into place, and the journal
+    segment of the images it holds is written then, so a published shard is always
+    covered by the journal, whatever moment the process is killed at.
     """
 
     def __init__(self, root: Path, stored: set[str], params: FetchParams):
-        unbounded = dict(max_images=1 << 62, max_bytes=1 << 62, max_seconds=float("inf"))
-        self.writer = ShardWriter(root, **unbounded)  # this class decides when a shard closes
+        self.writer = ShardWriter(
+            root,
+            max_images=params.shard_max_images,
+            max_bytes=params.shard_max_bytes,
+            max_seconds=params.shard_max_seconds,
+            before_publish=self._journal_pending,
+        )
         self.writer.written.update(stored)
-        self.journal, self.params = Journal(root), params
+        self.journal = Journal(root)
         self.pending: list[StoredImage] = []
-        self.open_images = self.open_bytes = 0
-        self.opened_at = 0.0
+
+    def _journal_pending(self) -> None:
+        self.journal.append(self.pending)
+        self.pending = []
 
     def add(self, image: StoredImage, data: bytes) -> None:
         self.pending.append(image)
-        if image.sha256 in self.writer.written:
-            return
-        if self.open_images == 0:
-            self.opened_at = time.monotonic()
-        self.writer.add(image.sha256, data)
-        self.open_images += 1
-        self.open_bytes += len(data)
-        if self.open_images >= self.params.shard_max_images or self.open_bytes >= self.params.shard_max_bytes:
-            self.publish()
+        self.writer.add(image.sha256, data)  # a copy of a stored image is only journalled
 
     def publish_if_old(self) -> None:
-        if self.open_images and time.monotonic() - self.opened_at >= self.params.shard_max_seconds:
-            self.publish()
+        self.writer.close_if_old()
 
     def publish(self) -> None:
-        self.journal.append(self.pending)
+        """Publish the open shard, and journal copies of images already published."""
         self.writer.flush()
-        self.pending = []
-        self.open_images = self.open_bytes = 0
+        if self.pending:
+            self._journal_pending()
 
 
 async def fetch_all(
-    urls: list[str], params: FetchParams, publisher: ShardPublisher, on_outcome: Callable[[Outcome], None]
+    jobs: list[Job], params: FetchParams, publisher: ShardPublisher, on_outcome: Callable[[Outcome], None]
 ) -> int:
-    """Fetch ``urls`` (already checked against the URL policy); return the HTTP requests sent."""
+    """Fetch ``jobs`` (URLs checked by the URL policy, with their local file if any); return the HTTP requests sent.
+
+    Whatever goes wrong with one URL becomes that URL's reason: the run always finishes.
+    """
     loop = asyncio.get_running_loop()
     # a job is a URL with the local file behind it (None for the web), or bytes read already
-    queue: asyncio.Queue[tuple[str, Path | None] | Payload | None] = asyncio.Queue(maxsize=2 * params.max_connections)
-    archives: dict[Path, dict[str, str]] = defaultdict(dict)
-    direct: list[tuple[str, Path | None]] = []
-    for url in urls:
-        target = local_target(url) if scheme_of(url) == "file" else None
+    queue: asyncio.Queue[Job | Payload | None] = asyncio.Queue(maxsize=2 * params.max_connections)
+    archives: dict[LocalTarget, dict[str, str]] = defaultdict(dict)
+    direct: list[Job] = []
+    for url, target in jobs:
         if target is not None and target.member is not None:
-            archives[target.path][target.member] = url
+            archives[LocalTarget(target.path, target.root)][target.member] = url
         else:
-            direct.append((url, target.path if target else None))
+            direct.append((url, target))
 
     with ThreadPoolExecutor(params.decode_workers, thread_name_prefix="decode") as decoders:
         async with HttpClient(params) as http:
 
-            async def worker() -> None:
-                while (job := await queue.get()) is not None:
+            async def get(job: Job | Payload) -> Outcome:
+                url = job.url if isinstance(job, Payload) else job[0]
+                try:
                     if isinstance(job, Payload):
                         payload = job
                     elif job[1] is None:
-                        payload = await http.get(job[0])
+                        payload = await http.get(url)
                     else:
-                        payload = await asyncio.to_thread(read_file, job[0], job[1], params.max_bytes)
+                        payload = await asyncio.to_thread(read_file, url, job[1], params.max_bytes)
                     outcome = await loop.run_in_executor(decoders, verify, payload, params.max_pixels)
-                    if outcome.image is not None and payload.data is not None:
-                        publisher.add(outcome.image, payload.data)
-                    on_outcome(outcome)
+                except Exception as exc:  # noqa: BLE001 - one bad URL costs its row, never the run
+                    return Outcome(url, reason=f"error: {type(exc).__name__}")
+                if outcome.image is not None and payload.data is not None:
+                    publisher.add(outcome.image, payload.data)
+                return outcome
+
+            async def worker() -> None:
+                while (job := await queue.get()) is not None:
+                    on_outcome(await get(job))
+
+            seen: set[str] = set()
 
             async def feed() -> None:
                 for job in direct:
                     await queue.put(job)
-                for path, members in archives.items():
-                    payloads = read_archive(path, members, params.max_bytes)
-                    while (payload := await asyncio.to_thread(next, payloads, None)) is not None:
+                for target, members in archives.items():
+                    payloads = read_archive(target, members, params.max_bytes)
+                    while True:
+                        try:
+                            payload = await asyncio.to_thread(next, payloads, None)
+                        except Exception as exc:  # noqa: BLE001 - a hostile archive costs its own rows
+                            done = {u for u in members.values() if u in seen}
+                            for url in members.values():
+                                if url not in done:
+                                    await queue.put(Payload(url, reason=f"error: {type(exc).__name__}"))
+                            break
+                        if payload is None:
+                            break
+                        seen.add(payload.url)
                         await queue.put(payload)
                 for _ in range(params.max_connections):
                     await queue.put(None)
@@ -154,18 +183,18 @@ async def fetch_all(
             return http.attempts
 
 
-def run_fetch_engine(urls: list[str], params: FetchParams, root: Path, stored: set[str]) -> FetchRun:
-    """Fetch ``urls`` into the store at ``root`` (holding ``stored``) with a progress bar."""
+def run_fetch_engine(jobs: list[Job], params: FetchParams, root: Path, stored: set[str]) -> FetchRun:
+    """Fetch ``jobs`` into the store at ``root`` (holding ``stored``) with a progress bar."""
     outcomes: dict[str, Outcome] = {}
     publisher = ShardPublisher(root, stored, params)
     start = time.perf_counter()
-    with tqdm(total=len(urls), desc="fetch", unit="img", smoothing=0.05) as bar:
+    with tqdm(total=len(jobs), desc="fetch", unit="img", smoothing=0.05) as bar:
 
         def on_outcome(outcome: Outcome) -> None:
             outcomes[outcome.url] = outcome
             bar.update(1)
 
-        requests = asyncio.run(fetch_all(urls, params, publisher, on_outcome)) if urls else 0
+        requests = asyncio.run(fetch_all(jobs, params, publisher, on_outcome)) if jobs else 0
     # Only a finished run publishes its last shard: an interrupt may have stopped a write
     # midway, so after an error the open shard is left as a partial file, which the next
     # run deletes and fetches again, as after a kill (published shards lose nothing).

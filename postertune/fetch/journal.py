@@ -6,7 +6,8 @@ shard's images are journalled. Entries whose image never reached a published sha
 (killed between the two writes) are dropped on load and fetched again. Segments are
 only ever added, so publishing costs the same on the first shard and the thousandth.
 Failures are not journalled: the next run asks again (a dead link may come back, a
-raised byte cap may admit an image).
+raised byte cap may admit an image). A local file's entry carries its size and
+modification time, so a file replaced in place is read again.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class StoredImage:
     format: str
     dpi: float | None
     bytes: int
+    stamp: str = ""  # size:mtime of the local file read ("" for the web): a change reads it again
 
 
 COLUMNS = [f.name for f in fields(StoredImage)]
@@ -53,7 +55,10 @@ class Journal:
         entries = {}
         for path in self.segments():
             try:
-                frame = pd.read_parquet(path, columns=COLUMNS)
+                frame = pd.read_parquet(path)
+                if "stamp" not in frame.columns:
+                    frame["stamp"] = ""  # a segment from before stamps: local files are read again
+                frame = frame[COLUMNS]
             except Exception as exc:  # pyarrow raises several types on a damaged or foreign file
                 raise PipelineError(
                     f"{path}: unreadable journal ({type(exc).__name__}); delete it to fetch again"

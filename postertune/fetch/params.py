@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from postertune.fetch.urls import WEB_SCHEMES, UrlRejected, check_web, is_file_prefix, prefix_folder
 from postertune.params import ParamError
 
-FETCHABLE_SCHEMES = ("http", "https", "file")
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"]
 # Table columns the stage itself writes; a metadata column may not take one of these names.
 RESERVED_COLUMNS = {"sha256", "source", "url", "row", "width", "height", "format", "dpi", "bytes", "status", "reason"}
@@ -23,6 +24,9 @@ class SourceParams:
     ``folder`` / ``archive``: images in a local folder or a zip/tar file (datasets that need
     a manual download); files whose suffix is not in ``extensions`` are left out.
     ``metadata_columns`` maps the image table's column names to the source's own.
+
+    Only a folder, an archive, or a table whose ``url_prefix`` is a ``file:`` folder reads
+    local files, and only inside that folder; any other table's cells are web URLs.
     """
 
     name: str
@@ -43,17 +47,43 @@ class SourceParams:
             for key in ("url_column", "url_prefix", "metadata_columns"):
                 if getattr(self, key):
                     raise ParamError(f"{where}.{key}", f"only a table source has it, this one is a {self.kind}")
+        if self.url_prefix:
+            self._check_prefix(f"{where}.url_prefix")
         clash = sorted(set(self.metadata_columns) & RESERVED_COLUMNS)
         if clash:
             raise ParamError(f"{where}.metadata_columns.{clash[0]}", "is a column the stage writes itself")
         if not self.extensions:
             raise ParamError(f"{where}.extensions", "must list at least one file suffix")
 
+    @property
+    def local(self) -> bool:
+        """Does this source read local files (a folder, an archive, a ``file:`` prefix)?"""
+        return self.kind != "table" or is_file_prefix(self.url_prefix)
+
+    def _check_prefix(self, name: str) -> None:
+        if is_file_prefix(self.url_prefix):
+            try:
+                prefix_folder(self.url_prefix)
+            except ValueError as exc:
+                raise ParamError(name, str(exc)) from None
+            return
+        try:
+            check_web(self.url_prefix, WEB_SCHEMES)
+        except UrlRejected as exc:
+            raise ParamError(
+                name, f"{self.url_prefix!r} is not an http(s) URL or a file: folder ({exc.reason})"
+            ) from None
+        if "?" in self.url_prefix or "#" in self.url_prefix:
+            raise ParamError(name, "a web prefix has no query or fragment")
+
 
 @dataclass(frozen=True)
 class FetchParams:
     sources: list[SourceParams]
+    # schemes a table's URL cells (and redirects) may use; local files come only from local sources
     allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
+    # loopback/private/link-local networks web URLs may connect to anyway (a local mirror, tests)
+    allowed_networks: list[str] = field(default_factory=list)
     user_agent: str = "postertune/0.1 (poster dataset builder)"
     max_connections: int = 32
     max_connections_per_host: int = 8
@@ -81,12 +111,19 @@ class FetchParams:
         duplicate = next((n for n in names if names.count(n) > 1), None)
         if duplicate is not None:
             raise ParamError("fetch.sources", f"source name {duplicate!r} is used twice")
-        unknown = sorted(set(self.allowed_schemes) - set(FETCHABLE_SCHEMES))
+        unknown = sorted(set(self.allowed_schemes) - set(WEB_SCHEMES))
         if unknown:
-            raise ParamError(
-                "fetch.allowed_schemes",
-                f"{unknown[0]!r} cannot be fetched (choose from {', '.join(FETCHABLE_SCHEMES)})",
+            hint = (
+                "local files come only from folder, archive or file: url_prefix sources, whatever this list says"
+                if unknown[0] == "file"
+                else f"choose from {', '.join(WEB_SCHEMES)}"
             )
+            raise ParamError("fetch.allowed_schemes", f"{unknown[0]!r} cannot be fetched ({hint})")
+        for i, network in enumerate(self.allowed_networks):
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ParamError(f"fetch.allowed_networks[{i}]", f"{network!r} is not an IP network") from None
         if not self.user_agent.strip():
             raise ParamError("fetch.user_agent", "must not be empty")
         positive = ["max_connections", "max_connections_per_host", "max_bytes", "max_pixels", "decode_workers"]
@@ -98,3 +135,7 @@ class FetchParams:
         for key in ["retries", "backoff_base_s", "backoff_max_s", "retry_after_max_s", "max_redirects"]:
             if getattr(self, key) < 0:
                 raise ParamError(f"fetch.{key}", f"must not be negative, got {getattr(self, key)}")
+
+    @property
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]

@@ -1,8 +1,8 @@
 """The fetch stage's work: sources in, ``images.parquet`` and the shard store out.
 
 Every source is read (and every param checked) before the first request. URLs already
-in the journal are not fetched again; each distinct URL is fetched once however many
-rows name it. The table has one row per source row, in source order then row order, so
+in the journal are not fetched again (a local file whose size or modification time
+changed is read again); each distinct URL is fetched once however many rows name it. The table has one row per source row, in source order then row order, so
 a run that was killed and resumed writes the same table as one that was not.
 """
 
@@ -15,9 +15,10 @@ import pandas as pd
 from postertune.atomic import write_parquet
 from postertune.fetch.engine import Outcome, run_fetch_engine
 from postertune.fetch.journal import Journal
+from postertune.fetch.local import local_stamp
 from postertune.fetch.params import FetchParams
 from postertune.fetch.sources import Entry, read_source
-from postertune.fetch.urls import UrlRejected, check_url
+from postertune.fetch.urls import LocalTarget
 from postertune.store import ShardStore
 
 IMAGE_COLUMNS = ["width", "height", "format", "dpi", "bytes", "status", "reason"]
@@ -27,32 +28,31 @@ DTYPES = {"row": "int64", "width": "Int64", "height": "Int64", "dpi": "float64",
 def run(params: FetchParams) -> dict:
     """Fetch every source of ``params``; write the table; return the stage metrics."""
     shards = params.shards
-    read = [(source, read_source(source)) for source in params.sources]
+    read = [(source, read_source(source, params.allowed_schemes)) for source in params.sources]
     entries = [entry for _, rows in read for entry in rows.entries]
 
     stored = set(ShardStore(shards).index)
     journal = Journal(shards).load(stored)
     known: dict[str, Outcome] = {}
-    to_fetch: dict[str, None] = {}  # insertion-ordered set
+    to_fetch: dict[str, LocalTarget | None] = {}  # insertion-ordered
     reused = 0
-    for url in dict.fromkeys(e.url for e in entries if e.rejected is None):
-        try:
-            check_url(url, params.allowed_schemes)
-        except UrlRejected as exc:
-            known[url] = Outcome(url, reason=exc.reason)
+    for entry in entries:
+        url = entry.url
+        if entry.rejected is not None or url in known or url in to_fetch:
             continue
-        if url in journal:
-            known[url] = Outcome(url, journal[url])
+        image = journal.get(url)
+        if image is not None and image.stamp == (local_stamp(entry.local) if entry.local else ""):
+            known[url] = Outcome(url, image)
             reused += 1
         else:
-            to_fetch[url] = None
+            to_fetch[url] = entry.local
 
-    run = run_fetch_engine(list(to_fetch), params, shards, stored)
-    known.update(run.outcomes)
+    engine = run_fetch_engine(list(to_fetch.items()), params, shards, stored)
+    known.update(engine.outcomes)
     metadata_names = list(dict.fromkeys(name for source, _ in read for name in source.metadata_columns))
     table = build_table(entries, known, metadata_names)
     write_parquet(params.table, table)
-    return fetch_metrics(table, read, run.requests, len(to_fetch), reused, run.seconds)
+    return fetch_metrics(table, read, engine.requests, len(to_fetch), reused, engine.seconds)
 
 
 def build_table(entries: list[Entry], outcomes: dict[str, Outcome], metadata_names: list[str]) -> pd.DataFrame:
@@ -79,7 +79,7 @@ def fetch_metrics(table: pd.DataFrame, read: list, requests: int, fetched: int, 
         "rows": len(table),
         "skipped_empty_url": sum(rows.skipped_empty_url for _, rows in read),
         "status": {"ok": len(ok), "failed": len(table) - len(ok)},
-        "reason": dict(sorted(Counter(table["reason"].dropna()).items())),
+        "reason": dict(sorted(Counter(r.split(":", 1)[0] for r in table["reason"].dropna()).items())),
         "source_ok": {source.name: int((ok["source"] == source.name).sum()) for source, _ in read},
         "distinct_images": len(distinct),
         "bytes": int(distinct["bytes"].sum()),
