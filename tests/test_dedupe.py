@@ -286,8 +286,10 @@ def test_bad_params_name_the_parameter(values, name):
 
 
 def test_committed_params_are_valid():
-    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    build(DedupeParams, params["dedupe"], "dedupe")
+    committed = yaml.safe_load((PROJECT / "params.yaml").read_text())["dedupe"]
+    params = build(DedupeParams, committed, "dedupe")
+    loaded = {key: getattr(params, key) for key in committed}
+    assert loaded == {key: tuple(v) if isinstance(v, list) else v for key, v in committed.items()}
 
 
 # --- the table and the stage -----------------------------------------------------------------

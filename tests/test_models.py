@@ -51,7 +51,7 @@ from postertune.models.single_file import (
     unet_to_original,
     vae_to_original,
 )
-from postertune.models.sources import ModelSource, validate_model_source
+from postertune.models.sources import ModelSource, source_kind, validate_model_source
 from postertune.models.tiny import build_tiny_pipeline, save_tiny_pipeline
 from postertune.params import ParamError
 
@@ -132,14 +132,16 @@ def assert_one_line_error(exc_info, *fragments: str) -> None:
 
 def test_validate_model_source_accepts_every_kind(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    for value in [
-        "tiny",
-        str(tmp_path),
-        str(tmp_path / "model.safetensors"),
-        "stabilityai/stable-diffusion-xl-base-1.0",
-        "madebyollin/sdxl-vae-fp16-fix",
-    ]:
-        validate_model_source("train.base", value)
+    kinds = {
+        "tiny": "tiny",
+        str(tmp_path): "folder",
+        str(tmp_path / "model.safetensors"): "file",
+        "stabilityai/stable-diffusion-xl-base-1.0": "hub",
+        "madebyollin/sdxl-vae-fp16-fix": "hub",
+    }
+    for value, kind in kinds.items():
+        assert validate_model_source("train.base", value) is None, value  # accepted: no ParamError
+        assert source_kind("train.base", value) == kind, value
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import yaml
@@ -31,11 +30,8 @@ def repo(tmp_path_factory) -> PipelineRepo:
 
 
 def test_demo_trains_in_dvc_repro_and_its_loss_curve_shows(repo):
-    started = time.monotonic()
-    repo.dvc("repro", "--single-item", "train")
-    elapsed = time.monotonic() - started
-    print(f"dvc repro train: {elapsed:.0f} s")
-    assert elapsed < 120
+    ran = repo.dvc("repro", "--single-item", "train")
+    assert "Running stage 'train'" in ran.stdout
 
     metrics = json.loads((repo.root / "metrics/train.json").read_text())
     params = yaml.safe_load((repo.root / "params.yaml").read_text())["train"]
