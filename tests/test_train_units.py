@@ -11,10 +11,12 @@ import importlib.util
 import io
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image, ImageOps
 from transformers.optimization import Adafactor
@@ -37,6 +39,8 @@ from postertune.train.optim import (
 from postertune.train.params import TrainParams, check_runtime
 from postertune.train.tracking import TrainLog
 from tests.train_inputs import fresh_process_state, train_section, write_dataset
+
+PROJECT = Path(__file__).resolve().parents[1]
 
 
 def params(**overrides) -> TrainParams:
@@ -480,3 +484,18 @@ def test_resumed_log_forgets_what_came_after_the_checkpoint(tmp_path):
     rows = (folder / "plots/metrics/train/loss.tsv").read_text().splitlines()
     assert [r.split("\t")[0] for r in rows] == ["step", "1", "2", "3", "4"] and rows[-1].endswith("\t0.3")
     assert [p.name for p in (folder / "plots/images/prompt-0").iterdir()] == ["0000002.png"]
+
+
+def test_switching_the_sdxl_profile_to_adamw_names_every_arg_to_drop():
+    section = yaml.safe_load((PROJECT / "conf/base.yaml").read_text())["train"]
+    section.update(yaml.safe_load((PROJECT / "conf/profile/sdxl.yaml").read_text())["train"])
+    section.update(base="tiny", vae=None, optimizer="AdamW")
+    with pytest.raises(ParamError, match=r"-S train.fused_backward_pass=false"):
+        build(TrainParams, section, "train")
+    section.update(fused_backward_pass=False)
+    with pytest.raises(ParamError) as caught:
+        check_optimizer_args(build(TrainParams, section, "train"))
+    assert caught.value.name == "train.optimizer_args.scale_parameter"
+    assert str(caught.value).endswith("-S 'train.optimizer_args={weight_decay:0.0}')")
+    section.update(optimizer_args={"weight_decay": 0.0})
+    check_optimizer_args(build(TrainParams, section, "train"))

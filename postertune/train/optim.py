@@ -86,9 +86,15 @@ def check_optimizer_args(params: TrainParams) -> None:
     if params.optimizer == "AdamW8bit":
         return  # bitsandbytes checks its arguments on the device it runs on
     accepted = inspect.signature(optimizer_class(params.optimizer).__init__).parameters
-    for key in params.optimizer_args:
-        if key not in accepted or key in ("self", "params", "lr"):
-            raise ParamError(f"train.optimizer_args.{key}", f"not an argument of {params.optimizer}")
+    foreign = [key for key in params.optimizer_args if key not in accepted or key in ("self", "params", "lr")]
+    if foreign:
+        # typically a profile's args for another optimizer, after -S train.optimizer=...
+        kept = {k: v for k, v in params.optimizer_args.items() if k not in foreign}
+        raise ParamError(
+            f"train.optimizer_args.{foreign[0]}",
+            f"not an argument of {params.optimizer} (drop {', '.join(foreign)}: "
+            f"-S 'train.optimizer_args={_hydra_dict(kept)}')",
+        )
     # Whatever a constructor raises on this stand-in weight, the args alone are to blame.
     try:
         optimizer = make_optimizer(params, [torch.nn.Parameter(torch.zeros(2, 2))])
@@ -98,3 +104,7 @@ def check_optimizer_args(params: TrainParams) -> None:
         make_lr_scheduler(params, optimizer)
     except Exception as exc:
         raise ParamError("train.lr_scheduler_args", f"{params.lr_scheduler} rejects them: {exc}") from None
+
+
+def _hydra_dict(values: dict) -> str:
+    return "{" + ",".join(f"{k}:{v}" for k, v in values.items()) + "}"

@@ -176,7 +176,7 @@ class TrainParams:
             raise Invalid("learning_rate", "required unless Adafactor sets its own (relative_step)")
         if self.fused_backward_pass:
             if self.optimizer != "Adafactor":
-                raise Invalid("fused_backward_pass", "needs optimizer Adafactor")
+                raise Invalid("fused_backward_pass", "needs optimizer Adafactor (-S train.fused_backward_pass=false)")
             if self.gradient_accumulation_steps != 1:
                 raise Invalid("fused_backward_pass", "steps per parameter during backward: no gradient accumulation")
             if self.max_grad_norm:
