@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -12,22 +13,38 @@ from pathlib import Path
 
 import pandas as pd
 
+from postertune.errors import PipelineError
+
+# a write the machine refused: read-only folder or file system, no permission, full disk or
+# quota, the file size limit; reported as one line naming the output, not a traceback
+WRITE_REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
 
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step.
+
+    If the machine refuses the write, the temporary file is removed, ``path`` is left as it
+    was, and a ``PipelineError`` names ``path`` and the reason.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.errno not in WRITE_REFUSED:
+            raise
+        raise PipelineError(f"{path}: cannot write: {os.strerror(exc.errno)}") from None
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 def write_bytes(path: Path | str, data: bytes) -> None:

@@ -1,5 +1,7 @@
 """What every stage module does: read its section of ``params.yaml``, run, write its metrics,
-and turn bad input into one clear line (exit status 2) instead of a traceback."""
+and turn bad input, or an output it cannot write (read-only folder, full disk), into one
+clear line (exit status 2) instead of a traceback. Outputs are written atomically, so a
+failed write leaves no partial file behind."""
 
 from __future__ import annotations
 
@@ -23,4 +25,9 @@ def run_stage(name: str, params_type: type[P], run: Callable[[P], dict | None]) 
             write_metrics(name, metrics)
     except PipelineError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        print(f"{name}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         raise SystemExit(2) from None

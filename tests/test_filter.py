@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -183,3 +186,45 @@ def test_stage_reports_bad_params_and_missing_input_in_one_line(tmp_path):
         missing.stderr.strip()
         == "filter: error: data/dedup/images.parquet: file not found (run the dedupe stage first)"
     )
+
+
+def _limited_file_size(limit: int):
+    """In the child: files may not grow past ``limit`` bytes (the kernel refuses the write, as a
+    full disk does), and the refusal is an error rather than a signal."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_an_output_the_machine_refuses_is_one_line_and_leaves_no_partial_file(deduplicated_demo, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(deduplicated_demo / "data/dedup", work / "data/dedup")
+    write_params(work)
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    full = subprocess.run(
+        [sys.executable, "-m", "stages.filter"], cwd=work, env=env, capture_output=True, text=True,
+        preexec_fn=_limited_file_size(1024),
+    )  # fmt: skip
+    assert full.returncode == 2
+    assert full.stderr.strip() == "filter: error: data/filtered/images.parquet: cannot write: File too large"
+    assert list((work / "data/filtered").iterdir()) == []  # no partial or temporary file
+
+
+def test_a_read_only_output_folder_is_one_line(deduplicated_demo, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(deduplicated_demo / "data/dedup", work / "data/dedup")
+    write_params(work)
+    (work / "data/filtered").mkdir(parents=True)
+    # the immutable attribute refuses writes even to root, which ignores permission bits
+    if subprocess.run(["chattr", "+i", str(work / "data/filtered")], capture_output=True).returncode != 0:
+        pytest.skip("this file system has no immutable attribute (chattr)")
+    try:
+        done = run_stage("filter", work)
+    finally:
+        subprocess.run(["chattr", "-i", str(work / "data/filtered")], check=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "filter: error: data/filtered/images.parquet: cannot write: Operation not permitted"
+    assert list((work / "data/filtered").iterdir()) == []

@@ -7,7 +7,10 @@ on meta-device models built from the real configs (shapes and names, no weights)
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -323,6 +326,33 @@ def test_single_file_round_trips_through_diffusers(tmp_path, tiny, base_dir, pre
     if precision == "float":
         unet = UNet2DConditionModel.from_single_file(str(path), config=str(base_dir), subfolder="unet")
         assert_same_weights(tiny.unet, unet)
+
+
+PROJECT = Path(__file__).resolve().parents[1]
+SAVE_IN_A_FRESH_PROCESS = """
+import sys
+from pathlib import Path
+from postertune.models.single_file import save_single_file
+from postertune.models.tiny import build_tiny_pipeline
+pipe = build_tiny_pipeline(seed=0, tokenizer_dir=Path(sys.argv[2]))
+save_single_file(sys.argv[1], pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, "fp16")
+"""
+
+
+def test_single_file_bytes_are_the_same_in_every_process(tmp_path, store):
+    """Two identical runs write identical bytes (its header metadata in sorted order), so DVC
+    sees no change; processes differ in their string hashing, which once reordered it."""
+    written = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"sdxl-{seed}.safetensors"
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(PROJECT), "HF_HUB_OFFLINE": "1"}
+        command = [sys.executable, "-c", SAVE_IN_A_FRESH_PROCESS, str(out), str(store / "tokenizers")]
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        written.append(out.read_bytes())
+    assert written[0] == written[1]
+    size = int.from_bytes(written[0][:8], "little")
+    metadata = json.loads(written[0][8 : 8 + size])["__metadata__"]
+    assert list(metadata) == sorted(metadata) and "modelspec.architecture" in metadata
 
 
 # --- load_components ----------------------------------------------------------------------

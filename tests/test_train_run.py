@@ -8,6 +8,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import csv
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,24 @@ def test_only_a_checkpoint_of_the_same_recipe_is_resumed(workdir):
     assert fresh["steps"] == 2 and fresh["images_seen"] == 4
     changed = run(workdir, max_train_steps=2, learning_rate=2e-3)  # another recipe: from the start
     assert changed["steps"] == 2 and len(list((workdir / "models/checkpoints").iterdir())) == 2
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(workdir, caplog):
+    write_dataset(workdir, [PORTRAIT, SQUARE])
+    every_step = {"every_n_steps": 1, "total_limit": 3}
+    run(workdir, max_train_steps=3, checkpoints=every_step)
+    (checkpoints,) = (workdir / "models/checkpoints").iterdir()
+    weights = checkpoints / "step-0000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a write cut short
+
+    with caplog.at_level(logging.WARNING):
+        again = run(workdir, max_train_steps=3, checkpoints=every_step)
+    where = checkpoints.relative_to(workdir) / "step-0000003"
+    assert f"checkpoint {where} is damaged (model.safetensors: Error while deserializing header" in caplog.text
+    assert again["steps"] == 3 and again["images_seen"] == 6  # steps 1-2 restored, step 3 trained again
+    assert len(curve(workdir, "train/loss")) == 3
+    with safe_open(weights, "pt") as f:  # the step is written whole again
+        assert len(list(f.keys())) > 0
 
 
 def test_nan_loss_stops_at_its_step_and_keeps_earlier_checkpoints(workdir):

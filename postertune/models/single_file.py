@@ -13,6 +13,7 @@ parts under fixed prefixes:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -117,4 +118,25 @@ def _save(path: Path | str, tensors: dict[str, torch.Tensor], metadata: dict[str
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
+        sort_header_metadata(tmp)
     return path
+
+
+def sort_header_metadata(path: Path) -> None:
+    """Put the header's ``__metadata__`` keys in sorted order, in place.
+
+    safetensors writes them in hash-map order, which changes from process to process, so two
+    identical runs would write different bytes and DVC would see a changed output. Same keys,
+    same values: the header keeps its length (padding included) and every tensor its offset.
+    """
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            raise AssertionError(f"{path}: re-serialised header grew from {size} to {len(text)} bytes")
+        f.seek(8)
+        f.write(text.ljust(size, b" "))

@@ -6,25 +6,31 @@ Checkpoints live under ``<root>/<run id>/step-NNNNNNN``, where the run id is a
 fingerprint of every param that shapes the weights, the training data and the base
 model: a run only ever resumes from a checkpoint of the same recipe, and checkpoints
 of other recipes are left alone. Each is written under a temporary name and renamed
-when complete; the oldest beyond ``keep`` are deleted.
+when complete; the oldest beyond ``keep`` are deleted. Before resuming, the newest is
+checked (every file's header and length, the state JSON); a damaged one is skipped with a
+warning naming it, and the run resumes from the one before.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from safetensors import safe_open
 
 from postertune.atomic import write_json
 
 STATE_FILE = "trainer_state.json"
 RUN_FILE = "run.json"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
+log = logging.getLogger(__name__)
 
 
 class Checkpoints:
@@ -39,8 +45,13 @@ class Checkpoints:
         return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
     def latest(self) -> Path | None:
-        found = self.complete()
-        return found[-1] if found else None
+        """The newest checkpoint that is whole; damaged newer ones are skipped with a warning."""
+        for path in reversed(self.complete()):
+            problem = damage(path)
+            if problem is None:
+                return path
+            log.warning("checkpoint %s is damaged (%s): resuming from the one before", path, problem)
+        return None
 
     def save(self, accelerator: Accelerator, state: dict[str, Any], identity: dict[str, Any]) -> Path:
         """Every process calls this; the main process writes the metadata, renames and prunes."""
@@ -64,3 +75,23 @@ class Checkpoints:
     def load(self, accelerator: Accelerator, path: Path) -> dict[str, Any]:
         accelerator.load_state(str(path))
         return json.loads((path / STATE_FILE).read_text())
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None: a truncated or unreadable file shows in
+    its header (safetensors) or its central directory (torch's zip format), read without loading."""
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE}: {exc}"
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(file, "pt"):
+                    pass
+            elif file.suffix in (".bin", ".pt", ".pth", ".pkl"):
+                with zipfile.ZipFile(file) as archive:
+                    archive.infolist()
+        except Exception as exc:  # whatever a damaged file raises, the file is named
+            return f"{file.relative_to(path)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return None
