@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from postertune.params import ParamError
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -19,6 +17,8 @@ def check_device(param: str, device: str) -> None:
 
 def resolve_device(param: str, device: str) -> str:
     """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; a named GPU must exist."""
+    import torch  # here, not above: params load without the model libraries
+
     check_device(param, device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -23,6 +23,7 @@ from postertune.errors import PipelineError
 
 T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
+Precision = Literal["float", "fp16", "bf16"]  # how weights are saved or run; dtypes: models/precision.py
 
 
 SHOWN_CHARS = 80  # a value quoted in an error is cut to this many characters
@@ -61,6 +62,10 @@ class Bounds:
         ]
         if all(ok for _, ok, _ in limits):
             return None
+        if (self.ge, self.gt, self.le, self.lt) == (0, None, None, None):
+            return f"must not be negative, got {shown(value)}"
+        if (self.ge, self.gt, self.le, self.lt) == (None, 0, None, None):
+            return f"must be positive, got {shown(value)}"
         wanted = " and ".join(f"{words} {limit:g}" for limit, _, words in limits if limit is not None)
         return f"must be {wanted}, got {shown(value)}"
 

@@ -289,7 +289,8 @@ def test_committed_params_are_valid():
     committed = yaml.safe_load((PROJECT / "params.yaml").read_text())["dedupe"]
     params = build(DedupeParams, committed, "dedupe")
     loaded = {key: getattr(params, key) for key in committed}
-    assert loaded == {key: tuple(v) if isinstance(v, list) else v for key, v in committed.items()}
+    expected = {key: tuple(v) if isinstance(v, list) else v for key, v in committed.items()}
+    assert loaded == {key: Path(v) if isinstance(loaded[key], Path) else v for key, v in expected.items()}
 
 
 # --- the table and the stage -----------------------------------------------------------------

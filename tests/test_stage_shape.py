@@ -147,10 +147,13 @@ def test_no_import_cycles_at_module_level():
     assert cycles == []
 
 
-def test_loading_train_params_imports_no_model_library():
+@pytest.mark.parametrize("name", STAGES)
+def test_loading_params_imports_no_model_library(name):
+    """A bad ``-S`` fails in well under a second: checking params never imports torch."""
     probe = (
-        "import sys; from postertune.params import build; from postertune.train.params import TrainParams; "
-        "build(TrainParams, {}, 'train'); print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+        "import sys; from postertune.cli import section; "
+        f"from postertune.{name}.params import {name.capitalize()}Params as P; section(P, {name!r}); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'open_clip') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -245,7 +245,7 @@ def test_stage_reports_bad_params_in_one_line(workdir):
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
     proc = subprocess.run([sys.executable, "-m", "stages.train"], cwd=workdir, env=env, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "train: error: param train.keep_tokens: must be at least 0, got -1"
+    assert proc.stderr.strip() == "train: error: param train.keep_tokens: must not be negative, got -1"
     assert not (workdir / "metrics").exists()
 
 

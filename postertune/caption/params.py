@@ -5,9 +5,9 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from postertune.params import ParamError
+from postertune.params import Bounds, Invalid, NotEmpty
 
 CaptionerName = Literal["metadata", "blip", "wd14"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -26,16 +26,15 @@ class MetadataParams:
 
     def __post_init__(self) -> None:
         for key in ("template", "long_template"):
-            name = f"caption.metadata.{key}"
             try:
                 names = template_fields(getattr(self, key))
             except ValueError as exc:
-                raise ParamError(name, f"not a valid template: {exc}") from None
+                raise Invalid(key, f"not a valid template: {exc}") from None
             if not names:
-                raise ParamError(name, "names no {column} field")
+                raise Invalid(key, "names no {column} field")
             bad = [n for n in names if not n.isidentifier()]
             if bad:
-                raise ParamError(name, f"field {{{bad[0]}}} is not a plain column name")
+                raise Invalid(key, f"field {{{bad[0]}}} is not a plain column name")
 
 
 @dataclass(frozen=True)
@@ -43,24 +42,18 @@ class BlipParams:
     model: str = "Salesforce/blip-image-captioning-large"  # hub id or local folder
     device: Device = "auto"
     dtype: Literal["float", "fp16", "bf16"] = "float"
-    batch_size: int = 8
+    batch_size: Annotated[int, Bounds(ge=1)] = 8
     decoding: Literal["beam", "nucleus"] = "beam"
-    num_beams: int = 3
-    top_p: float = 0.9
-    min_length: int = 5
-    max_length: int = 40
+    num_beams: Annotated[int, Bounds(ge=1)] = 3
+    top_p: Annotated[float, Bounds(gt=0, le=1)] = 0.9
+    min_length: Annotated[int, Bounds(ge=1)] = 5
+    max_length: Annotated[int, Bounds(ge=1)] = 40
     prefix: str = "a poster of"  # conditional captioning ("": unconditional)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ParamError("caption.blip.batch_size", "must be at least 1")
-        if self.num_beams < 1:
-            raise ParamError("caption.blip.num_beams", "must be at least 1")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ParamError("caption.blip.top_p", "must lie in (0, 1]")
-        if not 1 <= self.min_length <= self.max_length:
-            raise ParamError("caption.blip.min_length", f"must lie in 1..max_length ({self.max_length})")
+        if self.min_length > self.max_length:
+            raise Invalid("min_length", f"must be at most max_length ({self.max_length})")
 
     def settings(self) -> dict:
         """What decides the captions (device and batch size do not)."""
@@ -82,20 +75,13 @@ class Wd14Params:
     model: Path = Path("models/wd14/model.onnx")
     tags_csv: Path = Path("models/wd14/selected_tags.csv")
     device: Device = "auto"
-    batch_size: int = 8
-    general_threshold: float = 0.35
-    character_threshold: float = 0.85
+    batch_size: Annotated[int, Bounds(ge=1)] = 8
+    general_threshold: Annotated[float, Bounds(gt=0, lt=1)] = 0.35
+    character_threshold: Annotated[float, Bounds(gt=0, lt=1)] = 0.85
     rating: bool = False  # prepend the most likely rating tag (general, sensitive, ...)
     undesired_tags: list[str] = field(default_factory=lambda: ["watermark", "signature", "artist name", "web address"])
     replace_underscores: bool = True
     always_first_tags: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ParamError("caption.wd14.batch_size", "must be at least 1")
-        for name in ("general_threshold", "character_threshold"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ParamError(f"caption.wd14.{name}", "must lie strictly between 0 and 1")
 
     def settings(self) -> dict:
         return {
@@ -131,10 +117,10 @@ class ExportParams:
 
 @dataclass(frozen=True)
 class CaptionParams:
-    captioners: list[CaptionerName] = field(default_factory=lambda: ["metadata"])
-    chunk_size: int = 64  # images captioned between two cache writes
-    workers: int = 2  # image-decoding threads
-    max_pixels: int = 50_000_000
+    captioners: Annotated[list[CaptionerName], NotEmpty()] = field(default_factory=lambda: ["metadata"])
+    chunk_size: Annotated[int, Bounds(ge=1)] = 64  # images captioned between two cache writes
+    workers: Annotated[int, Bounds(ge=1)] = 2  # image-decoding threads
+    max_pixels: Annotated[int, Bounds(ge=1)] = 50_000_000
     metadata: MetadataParams = field(default_factory=MetadataParams)
     blip: BlipParams = field(default_factory=BlipParams)
     wd14: Wd14Params = field(default_factory=Wd14Params)
@@ -145,13 +131,5 @@ class CaptionParams:
     output: Path = Path("data/captions")  # captions.parquet, cache/ (per captioner), export/
 
     def __post_init__(self) -> None:
-        if not self.captioners:
-            raise ParamError("caption.captioners", "name at least one of metadata, blip, wd14")
         if len(set(self.captioners)) != len(self.captioners):
-            raise ParamError("caption.captioners", f"lists a captioner twice: {self.captioners}")
-        if self.chunk_size < 1:
-            raise ParamError("caption.chunk_size", "must be at least 1")
-        if self.workers < 1:
-            raise ParamError("caption.workers", "must be at least 1")
-        if self.max_pixels < 1:
-            raise ParamError("caption.max_pixels", "must be at least 1")
+            raise Invalid("captioners", f"lists a captioner twice: {self.captioners}")

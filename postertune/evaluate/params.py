@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from postertune.devices import check_device, resolve_device
-from postertune.params import ParamError
+from postertune.params import Bounds, Invalid
 
 TINY_CLIP = "tiny"  # a tiny random open_clip model: every step runs, the numbers mean nothing
 
@@ -19,15 +19,9 @@ class CmmdParams:
     enabled: bool = True
     images: Path = Path("data/filtered/images.parquet")
     shards: Path = Path("data/raw/shards")
-    max_images: int = 200
-    sigma: float = 10.0
+    max_images: Annotated[int, Bounds(ge=2)] = 200
+    sigma: Annotated[float, Bounds(gt=0)] = 10.0
     scale: float = 1000.0
-
-    def __post_init__(self) -> None:
-        if self.max_images < 2:
-            raise ParamError("evaluate.cmmd.max_images", "must be at least 2")
-        if self.sigma <= 0:
-            raise ParamError("evaluate.cmmd.sigma", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -38,34 +32,24 @@ class EvaluateParams:
     aesthetic_head: Path | None = None  # sac+logos+ava1-l14-linearMSE.pth; none: random (tiny only)
     candidate: str = "finetuned"  # compared against every other sampled model
     seed: int = 0  # tiny models' weights and the bootstrap / permutation draws
-    bootstrap_resamples: int = 10000
-    confidence: float = 0.95
+    bootstrap_resamples: Annotated[int, Bounds(ge=100)] = 10000
+    confidence: Annotated[float, Bounds(gt=0, lt=1)] = 0.95
     paired_test: Literal["wilcoxon", "permutation"] = "wilcoxon"
-    batch_size: int = 16
+    batch_size: Annotated[int, Bounds(ge=1)] = 16
     device: str = "auto"
     cmmd: CmmdParams = field(default_factory=CmmdParams)
     output: Path = Path("data/eval")
 
     def __post_init__(self) -> None:
         if self.clip_model != TINY_CLIP and not self.clip_weights:
-            raise ParamError(
-                "evaluate.clip_weights", f"{self.clip_model} needs weights (a tag such as openai, a file or a folder)"
-            )
+            raise Invalid("clip_weights", f"{self.clip_model} needs weights (a tag such as openai, a file or a folder)")
         if self.clip_weights == "openai" and "quickgelu" not in self.clip_model.lower():
-            raise ParamError(
-                "evaluate.clip_model",
+            raise Invalid(
+                "clip_model",
                 f"{self.clip_model} builds GELU but the OpenAI weights need QuickGELU: use {self.clip_model}-quickgelu",
             )
         if self.aesthetic_head is None and self.clip_model != TINY_CLIP:
-            raise ParamError(
-                "evaluate.aesthetic_head", "name the LAION head (.pth); a random head is for the tiny model only"
-            )
-        if not 0 < self.confidence < 1:
-            raise ParamError("evaluate.confidence", "must lie strictly between 0 and 1")
-        if self.bootstrap_resamples < 100:
-            raise ParamError("evaluate.bootstrap_resamples", "must be at least 100")
-        if self.batch_size < 1:
-            raise ParamError("evaluate.batch_size", "must be at least 1")
+            raise Invalid("aesthetic_head", "name the LAION head (.pth); a random head is for the tiny model only")
         check_device("evaluate.device", self.device)
 
     @property

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from postertune.fetch.urls import WEB_SCHEMES, UrlRejected, check_web, is_file_prefix, prefix_folder
-from postertune.params import ParamError
+from postertune.params import Bounds, ParamError
 
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"]
 # Table columns the stage itself writes; a metadata column may not take one of these names.
@@ -85,22 +85,24 @@ class FetchParams:
     # loopback/private/link-local networks web URLs may connect to anyway (a local mirror, tests)
     allowed_networks: list[str] = field(default_factory=list)
     user_agent: str = "postertune/0.1 (poster dataset builder)"
-    max_connections: int = 32
-    max_connections_per_host: int = 8
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 30.0  # longest silence while reading a response
-    request_timeout_s: float = 60.0  # deadline for one whole attempt: cuts a slow-drip body off
-    retries: int = 3
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 30.0
-    retry_after_max_s: float = 60.0
-    max_redirects: int = 5
-    max_bytes: int = 20_000_000
-    max_pixels: int = 50_000_000
-    decode_workers: int = 2
-    shard_max_images: int = 2048
-    shard_max_bytes: int = 512_000_000
-    shard_max_seconds: float = 60.0
+    max_connections: Annotated[int, Bounds(ge=1)] = 32
+    max_connections_per_host: Annotated[int, Bounds(ge=1)] = 8
+    connect_timeout_s: Annotated[float, Bounds(gt=0)] = 10.0
+    read_timeout_s: Annotated[float, Bounds(gt=0)] = 30.0  # longest silence while reading a response
+    request_timeout_s: Annotated[float, Bounds(gt=0)] = (
+        60.0  # deadline for one whole attempt: cuts a slow-drip body off
+    )
+    retries: Annotated[int, Bounds(ge=0)] = 3
+    backoff_base_s: Annotated[float, Bounds(ge=0)] = 0.5
+    backoff_max_s: Annotated[float, Bounds(ge=0)] = 30.0
+    retry_after_max_s: Annotated[float, Bounds(ge=0)] = 60.0
+    max_redirects: Annotated[int, Bounds(ge=0)] = 5
+    max_bytes: Annotated[int, Bounds(ge=1)] = 20_000_000
+    max_pixels: Annotated[int, Bounds(ge=1)] = 50_000_000
+    decode_workers: Annotated[int, Bounds(ge=1)] = 2
+    shard_max_images: Annotated[int, Bounds(ge=1)] = 2048
+    shard_max_bytes: Annotated[int, Bounds(ge=1)] = 512_000_000
+    shard_max_seconds: Annotated[float, Bounds(gt=0)] = 60.0
     shards: Path = Path("data/raw/shards")  # the shard store every later stage reads images from
     table: Path = Path("data/raw/images.parquet")  # one row per source row: url, status, reason, size
 
@@ -126,15 +128,6 @@ class FetchParams:
                 raise ParamError(f"fetch.allowed_networks[{i}]", f"{network!r} is not an IP network") from None
         if not self.user_agent.strip():
             raise ParamError("fetch.user_agent", "must not be empty")
-        positive = ["max_connections", "max_connections_per_host", "max_bytes", "max_pixels", "decode_workers"]
-        positive += ["shard_max_images", "shard_max_bytes", "connect_timeout_s", "read_timeout_s", "request_timeout_s"]
-        positive += ["shard_max_seconds"]
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ParamError(f"fetch.{key}", f"must be positive, got {getattr(self, key)}")
-        for key in ["retries", "backoff_base_s", "backoff_max_s", "retry_after_max_s", "max_redirects"]:
-            if getattr(self, key) < 0:
-                raise ParamError(f"fetch.{key}", f"must not be negative, got {getattr(self, key)}")
 
     @property
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -3,11 +3,9 @@ and ``mixed_precision`` (no, fp16, bf16)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-Precision = Literal["float", "fp16", "bf16"]
+from postertune.params import Precision
 
 DTYPES: dict[str, torch.dtype] = {
     "float": torch.float32,

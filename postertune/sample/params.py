@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 from postertune.devices import check_device, resolve_device
-from postertune.models.precision import Precision
-from postertune.params import ParamError
-from postertune.sample.schedulers import SCHEDULERS
+from postertune.params import Bounds, Invalid, MultipleOf, NotEmpty, Precision
 
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+# the samplers of sample/schedulers.py, by the names the SD UIs use
+SchedulerName = Literal["euler", "euler_a", "heun", "lms", "ddim", "dpm++2m", "dpm++2m_karras", "dpm++2m_sde", "unipc"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class SampledModel:
 
 @dataclass(frozen=True)
 class SampleParams:
-    models: list[SampledModel]
+    models: Annotated[list[SampledModel], NotEmpty()]
     prompts: Path = Path("data/prompts/posters.csv")
     negative_presets: Path = Path("data/prompts/negative_presets.yaml")
     # empty: every prompt in the file
@@ -36,43 +37,25 @@ class SampleParams:
     )
     negative: list[str] = field(default_factory=lambda: ["basic"])  # presets for rows that name none
     negative_text: str = ""  # free text appended to every negative prompt
-    images_per_prompt: int = 2
+    images_per_prompt: Annotated[int, Bounds(ge=1)] = 2
     seed: int = 0  # image i of every prompt uses seed + i, for every model
-    scheduler: str = "euler"
-    steps: int = 4
-    guidance_scale: float = 5.0
-    width: int = 64
-    height: int = 96
+    scheduler: SchedulerName = "euler"
+    steps: Annotated[int, Bounds(ge=1)] = 4
+    guidance_scale: Annotated[float, Bounds(ge=0)] = 5.0
+    width: Annotated[int, Bounds(ge=8), MultipleOf(8)] = 64  # the VAE downscales by 8
+    height: Annotated[int, Bounds(ge=8), MultipleOf(8)] = 96
     precision: Precision = "float"
     device: str = "auto"
-    grid_cell_width: int = 128
+    grid_cell_width: Annotated[int, Bounds(ge=16)] = 128
     output: Path = Path("data/samples")
 
     def __post_init__(self) -> None:
-        if not self.models:
-            raise ParamError("sample.models", "name at least one model")
         names = [m.name for m in self.models]
         for i, model in enumerate(self.models):
             if not MODEL_NAME.match(model.name):
-                raise ParamError(
-                    f"sample.models[{i}].name", f"{model.name!r} must be lower-case letters, digits, _ or -"
-                )
+                raise Invalid(f"models[{i}].name", f"{model.name!r} must be lower-case letters, digits, _ or -")
             if model.name in names[:i]:
-                raise ParamError(f"sample.models[{i}].name", f"{model.name!r} is used twice")
-        if self.images_per_prompt < 1:
-            raise ParamError("sample.images_per_prompt", "must be at least 1")
-        if self.scheduler not in SCHEDULERS:
-            raise ParamError("sample.scheduler", f"{self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-        if self.steps < 1:
-            raise ParamError("sample.steps", "must be at least 1")
-        if self.guidance_scale < 0:
-            raise ParamError("sample.guidance_scale", "must not be negative")
-        for key in ("width", "height"):
-            value = getattr(self, key)
-            if value < 8 or value % 8:
-                raise ParamError(f"sample.{key}", f"{value} must be a positive multiple of 8 (the VAE's downscale)")
-        if self.grid_cell_width < 16:
-            raise ParamError("sample.grid_cell_width", "must be at least 16")
+                raise Invalid(f"models[{i}].name", f"{model.name!r} is used twice")
         check_device("sample.device", self.device)
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -13,7 +15,9 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+from postertune.sample.params import SchedulerName
+
+SCHEDULERS: dict[SchedulerName, tuple[type[SchedulerMixin], dict]] = {
     "euler": (EulerDiscreteScheduler, {}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
@@ -24,6 +28,10 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "dpm++2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": (UniPCMultistepScheduler, {}),
 }
+
+
+if set(SCHEDULERS) != set(get_args(SchedulerName)):
+    raise AssertionError("sample.params.SchedulerName must list exactly the samplers built here")
 
 
 def make_scheduler(name: str, config: dict) -> SchedulerMixin:
