@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from postertune.params import ParamError
+from postertune.params import Colour, ParamError
 
 CaptionerName = Literal["metadata", "blip", "wd14"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -135,6 +135,7 @@ class CaptionParams:
     chunk_size: int = 64  # images captioned between two cache writes
     workers: int = 2  # image-decoding threads
     max_pixels: int = 50_000_000
+    background: Colour = (255, 255, 255)  # transparent posters are composited onto this RGB colour
     metadata: MetadataParams = field(default_factory=MetadataParams)
     blip: BlipParams = field(default_factory=BlipParams)
     wd14: Wd14Params = field(default_factory=Wd14Params)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from postertune.devices import check_device, resolve_device
-from postertune.params import ParamError
+from postertune.params import Colour, ParamError
 
 TINY_CLIP = "tiny"  # a tiny random open_clip model: every step runs, the numbers mean nothing
 
@@ -20,6 +20,7 @@ class CmmdParams:
     images: Path = Path("data/filtered/images.parquet")
     shards: Path = Path("data/raw/shards")
     max_images: int = 200
+    background: Colour = (255, 255, 255)  # transparent posters are composited onto this RGB colour
     sigma: float = 10.0
     scale: float = 1000.0
 
