@@ -58,6 +58,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected("empty")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. damaged EXIF: Pillow reads what it can
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -121,7 +122,9 @@ def _decode(
 def exif_orientation(img: Image.Image) -> int:
     """The EXIF Orientation of a loaded image: 1 (as stored) when absent, out of range or unreadable."""
     try:
-        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns of damaged EXIF and reads what it can
+            value = img.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # a damaged EXIF block costs its orientation, never the image
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1

@@ -519,7 +519,11 @@ def test_archive_source_is_read_in_memory_and_checked(tmp_path, kind):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 t.addfile(info, io.BytesIO(data))
-    raw = {"sources": [{"name": "manual", "kind": "archive", "path": str(archive)}], "source_dir": str(tmp_path), **FAST}
+    raw = {
+        "sources": [{"name": "manual", "kind": "archive", "path": str(archive)}],
+        "source_dir": str(tmp_path),
+        **FAST,
+    }
     work = tmp_path / "work"
     table, metrics = fetch(work, raw | {"allowed_schemes": []})
 

@@ -155,13 +155,18 @@ def caption_images(
     return len(pending)
 
 
+def cache_settings(name: str, params: CaptionParams) -> dict:
+    """What decides an image captioner's results, and so keys its cache: its own settings and
+    the pixels it is shown (decoded upright, transparency on ``params.background``)."""
+    own = params.blip.settings() if name == "blip" else params.wd14.settings()
+    return own | {"pixels": PIXELS, "background": list(params.background)}
+
+
 def _loader(name: str, params: CaptionParams) -> tuple[Callable[[], ImageCaptioner], dict]:
-    """A deferred model load (only when there is work) and the settings that key the cache
-    (the pixels it sees too: the images as decoded, upright, on ``background``)."""
-    pixels = {"pixels": PIXELS, "background": list(params.background)}
+    """A deferred model load (only when there is work) and the settings that key the cache."""
     if name == "blip":
-        return (lambda: BlipCaptioner(params.blip)), params.blip.settings() | pixels
-    return (lambda: Wd14Tagger(params.wd14)), params.wd14.settings() | pixels
+        return (lambda: BlipCaptioner(params.blip)), cache_settings(name, params)
+    return (lambda: Wd14Tagger(params.wd14)), cache_settings(name, params)
 
 
 def run(params: CaptionParams) -> dict:

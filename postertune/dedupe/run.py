@@ -53,7 +53,10 @@ def hash_images(
     started = last_save = time.monotonic()
     try:
         progress = tqdm(
-            iter_hashes(store, todo, workers or default_workers(), background), total=len(todo), desc="phash", unit="img"
+            iter_hashes(store, todo, workers or default_workers(), background),
+            total=len(todo),
+            desc="phash",
+            unit="img",
         )
         for sha, value, reason in progress:
             if value is None:
