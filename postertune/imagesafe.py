@@ -4,10 +4,10 @@ Rejections carry a short reason code that lands in the image table and the metri
 
 Every decoded image comes out as 8-bit RGB as the poster shows it: turned upright by its
 EXIF orientation (so a portrait stored as 800x600 with Orientation 6 is 600x800 here, and
-in the size ``inspect_image`` records), a 16-bit image is scaled (never clipped) to 8 bits, transparency is composited onto a background colour
-(white unless a caller says otherwise) instead of exposing the RGB hidden under it, a
-palette is expanded with its transparency, and CMYK is converted through its embedded
-ICC profile when it has one.
+in the size ``inspect_image`` records), a 16-bit image is scaled (never clipped) to 8
+bits, transparency is composited onto a background colour (white unless a caller says
+otherwise) instead of exposing the RGB hidden under it, a palette is expanded with its
+transparency, and CMYK is converted through its embedded ICC profile when it has one.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from postertune.dedupe.params import DedupeParams
 from postertune.dedupe.run import run as dedupe
 from postertune.evaluate.cmmd import reference_loader
 from postertune.evaluate.params import EvaluateParams
+from postertune.fetch.journal import Journal, StoredImage
 from postertune.fetch.params import FetchParams
 from postertune.fetch.run import run as fetch
 from postertune.imagesafe import exif_orientation, inspect_image, load_image
@@ -120,6 +121,16 @@ def test_fetch_records_every_orientation_as_displayed(tmp_path):
     table = pd.read_parquet(tmp_path / "images.parquet")
     assert table["status"].tolist() == ["ok"] * 8
     assert set(zip(table["width"], table["height"], strict=True)) == {(WIDTH, HEIGHT)}
+
+
+def test_sizes_journalled_before_orientation_was_applied_are_measured_again(tmp_path):
+    journal = Journal(tmp_path)
+    image = StoredImage("file:o6.jpg", "ab" * 32, WIDTH, HEIGHT, "JPEG", None, 1000)
+    journal.append([image])
+    assert journal.load({image.sha256}) == {image.url: image}
+    segment = journal.segments()[0]
+    pd.read_parquet(segment).drop(columns="sizes").to_parquet(segment)  # as written before
+    assert journal.load({image.sha256}) == {}  # fetched (and measured) again
 
 
 def test_dedupe_groups_a_copy_turned_by_exif_with_its_upright_twin(tmp_path):
