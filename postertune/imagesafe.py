@@ -2,11 +2,12 @@
 
 Rejections carry a short reason code that lands in the image table and the metrics.
 
-Every decoded image comes out as 8-bit RGB as the poster shows it: a 16-bit image is
-scaled (never clipped) to 8 bits, transparency is composited onto a background colour
-(white unless a caller says otherwise) instead of exposing the RGB hidden under it, a
-palette is expanded with its transparency, and CMYK is converted through its embedded
-ICC profile when it has one.
+Every decoded image comes out as 8-bit RGB as the poster shows it: turned upright by its
+EXIF orientation (so a portrait stored as 800x600 with Orientation 6 is 600x800 here, and
+in the size ``inspect_image`` records), a 16-bit image is scaled (never clipped) to 8
+bits, transparency is composited onto a background colour (white unless a caller says
+otherwise) instead of exposing the RGB hidden under it, a palette is expanded with its
+transparency, and CMYK is converted through its embedded ICC profile when it has one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageCms, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
 
 Image.LOAD_TRUNCATED_IMAGES = False
 # Pillow's own bomb check is a warning below 2x its limit; ours is a hard cap per call.
@@ -25,6 +26,17 @@ Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 50_000_000
 WHITE = (255, 255, 255)
 _SRGB = ImageCms.createProfile("sRGB")
+# EXIF Orientation 2-8: the transpose that shows the stored pixels upright (as Pillow's ImageOps.exif_transpose)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_SIDES = {5, 6, 7, 8}
 
 
 class ImageRejected(Exception):
@@ -46,6 +58,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected("empty")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. damaged EXIF: Pillow reads what it can
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -77,10 +90,16 @@ def load_image(
     draft: tuple[int, int] | None = None,
     background: tuple[int, int, int] = WHITE,
 ) -> Image.Image:
-    """Fully decode ``data`` to RGB. ``draft`` lets JPEG decode at a reduced scale
+    """Fully decode ``data`` to upright RGB. ``draft`` lets JPEG decode at a reduced scale
     (DCT scaling): still reads every byte of the stream, so truncation is caught.
     Transparent pixels are composited onto ``background``."""
-    img = _open(data, max_pixels)
+    return _decode(_open(data, max_pixels), draft, background)[0]
+
+
+def _decode(
+    img: Image.Image, draft: tuple[int, int] | None, background: tuple[int, int, int]
+) -> tuple[Image.Image, int]:
+    """``img`` loaded, as upright RGB, and the EXIF orientation that was applied."""
     try:
         if draft is not None and img.format == "JPEG":
             img.draft("RGB", draft)
@@ -92,10 +111,23 @@ def load_image(
             "truncated" if "truncated" in str(exc).lower() or isinstance(exc, (OSError, SyntaxError)) else "corrupt"
         )
         raise ImageRejected(reason, str(exc)) from None
+    orientation = exif_orientation(img)
     try:
-        return to_rgb(img, background)
+        rgb = to_rgb(img, background)
     except Exception as exc:  # a hostile palette or profile must cost its image, never the caller
         raise ImageRejected("corrupt", f"{img.mode}: {exc}") from None
+    return (rgb.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else rgb), orientation
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation of a loaded image: 1 (as stored) when absent, out of range or unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns of damaged EXIF and reads what it can
+            value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a damaged EXIF block costs its orientation, never the image
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
@@ -142,8 +174,11 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
 
 
 def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Prove ``data`` decodes completely and read its size, format and dpi."""
+    """Prove ``data`` decodes completely and read its size (as displayed: upright), format and dpi."""
     img = _open(data, max_pixels)
-    info = ImageInfo(width=img.width, height=img.height, format=str(img.format or "").upper(), dpi=_dpi(img))
-    load_image(data, max_pixels, draft=(max(1, img.width // 8), max(1, img.height // 8)))
-    return info
+    width, height = img.size
+    fmt, dpi = str(img.format or "").upper(), _dpi(img)
+    _, orientation = _decode(img, (max(1, width // 8), max(1, height // 8)), WHITE)
+    if orientation in _SWAPS_SIDES:
+        width, height = height, width
+    return ImageInfo(width=width, height=height, format=fmt, dpi=dpi)

@@ -84,6 +84,18 @@ class NotEmpty:
         return None if len(value) else "must not be empty"
 
 
+@dataclasses.dataclass(frozen=True)
+class Length:
+    items: int
+
+    def problem(self, value: Any) -> str | None:
+        return None if len(value) == self.items else f"must have {self.items} items, got {shown(list(value))}"
+
+
+# An RGB colour, three integers 0-255: ``background: [255, 255, 255]``.
+Colour = Annotated[tuple[Annotated[int, Bounds(ge=0, le=255)], ...], Length(3)]
+
+
 def shown(value: Any) -> str:
     """``repr(value)``, cut short: an error stays one readable line whatever the value."""
     text = repr(value)

@@ -36,7 +36,7 @@ from postertune.caption.combine import combine_row
 from postertune.caption.export import KOHYA_FILE
 from postertune.caption.metadata import as_list, render_template
 from postertune.caption.params import CaptionParams, CombineParams
-from postertune.caption.run import CACHE_DIR, CAPTIONS, EXPORT_DIR, caption, caption_images
+from postertune.caption.run import CACHE_DIR, CAPTIONS, EXPORT_DIR, cache_settings, caption, caption_images
 from postertune.caption.tokens import CLIP_CONTEXT, token_counts
 from postertune.caption.wd14 import Wd14Tagger, wd14_input
 from postertune.errors import PipelineError
@@ -446,11 +446,11 @@ def test_killed_run_keeps_finished_chunks(dataset, blip_dir, wd14_files):
                 raise KeyboardInterrupt
             return super().caption(shas, images)
 
-    cache = CaptionCache(dataset.paths.cache, "wd14", params.wd14.settings())
+    cache = CaptionCache(dataset.paths.cache, "wd14", cache_settings("wd14", params))
     shas = list(dataset.sha.values())
     with pytest.raises(KeyboardInterrupt):
         caption_images(lambda: DiesOnSecondBatch(params.wd14), cache, shas, ShardStore(dataset.paths.store), params)
-    resumed = CaptionCache(dataset.paths.cache, "wd14", params.wd14.settings())
+    resumed = CaptionCache(dataset.paths.cache, "wd14", cache_settings("wd14", params))
     assert set(resumed.records) == {dataset.sha["red"], dataset.sha["blue"]}  # the first chunk of two
 
     report = run_caption(params, dataset.paths)

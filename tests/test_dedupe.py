@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from postertune.dedupe.grouping import assign_duplicates, keep_priority
-from postertune.dedupe.hashing import METHOD, hex64, iter_hashes, load_cache, phash64, save_cache
+from postertune.dedupe.hashing import hex64, iter_hashes, load_cache, phash64, recipe, save_cache
 from postertune.dedupe.params import DedupeParams
 from postertune.dedupe.run import hash_images, mark_duplicates, run
 from postertune.dedupe.search import brute_force_pairs, multi_index_pairs, near_pairs
@@ -257,7 +257,7 @@ def test_hash_cache_ignores_another_hash_recipe(tmp_path):
     cache = tmp_path / "cache.parquet"
     save_cache(cache, {"a": 1})
     frame = pd.read_parquet(cache)
-    assert frame["method"].tolist() == [METHOD]
+    assert frame["method"].tolist() == [recipe()]
     frame.assign(method="older-recipe").to_parquet(cache)
     assert load_cache(cache) == {}
 
@@ -288,9 +288,8 @@ def test_bad_params_name_the_parameter(values, name):
 def test_committed_params_are_valid():
     committed = yaml.safe_load((PROJECT / "params.yaml").read_text())["dedupe"]
     params = build(DedupeParams, committed, "dedupe")
-    loaded = {key: getattr(params, key) for key in committed}
-    expected = {key: tuple(v) if isinstance(v, list) else v for key, v in committed.items()}
-    assert loaded == {key: Path(v) if isinstance(loaded[key], Path) else v for key, v in expected.items()}
+    loaded = {key: str(v) if isinstance(v := getattr(params, key), Path) else v for key in committed}
+    assert loaded == {key: tuple(v) if isinstance(v, list) else v for key, v in committed.items()}
 
 
 # --- the table and the stage -----------------------------------------------------------------

@@ -446,7 +446,8 @@ def test_sample_then_evaluate_writes_scores_metrics_and_dvc_plots(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     report = sample(build(SampleParams, sample_params, "sample"))
     assert report.images == 16
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": evaluate_params}))
+    # both sections: the stage reads its own, dvc.yaml's plots template paths from both
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"sample": sample_params, "evaluate": evaluate_params}))
     run_stage("evaluate", EvaluateParams, run)
 
     scores = pd.read_csv("data/eval/scores.csv")

@@ -286,7 +286,7 @@ def url_table(path: Path, urls: list[str]) -> Path:
 def table_params(table: Path, **overrides: object) -> dict:
     source = {"name": "web", "kind": "table", "path": str(table), "url_column": "image"}
     source["metadata_columns"] = {"title": "title"}
-    return {"sources": [source], **FAST, **overrides}
+    return {"sources": [source], "source_dir": str(table.parent), **FAST, **overrides}
 
 
 def run_fetch(params: FetchParams, shards: Path, table: Path) -> dict:
@@ -519,7 +519,11 @@ def test_archive_source_is_read_in_memory_and_checked(tmp_path, kind):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 t.addfile(info, io.BytesIO(data))
-    raw = {"sources": [{"name": "manual", "kind": "archive", "path": str(archive)}], **FAST}
+    raw = {
+        "sources": [{"name": "manual", "kind": "archive", "path": str(archive)}],
+        "source_dir": str(tmp_path),
+        **FAST,
+    }
     work = tmp_path / "work"
     table, metrics = fetch(work, raw | {"allowed_schemes": []})
 
@@ -552,7 +556,7 @@ def test_folder_and_file_prefix_sources_stay_inside_their_folder(tmp_path, monke
     tmdb = {"name": "tmdb", "kind": "table", "path": "tmdb.csv", "url_column": "poster_path"}
     tmdb |= {"url_prefix": "file:posters", "metadata_columns": {"title": "name"}}
     folder = {"name": "local", "kind": "folder", "path": "posters"}
-    raw = {"sources": [tmdb, folder], **FAST, "allowed_schemes": []}
+    raw = {"sources": [tmdb, folder], "source_dir": ".", **FAST, "allowed_schemes": []}
     table, metrics = fetch(Path("out"), raw)
 
     got = list(zip(table["source"], table["url"], table["reason"].fillna("ok"), strict=True))

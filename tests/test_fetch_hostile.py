@@ -41,7 +41,7 @@ def table(path: Path, cells: list[str]) -> dict:
 
 
 def run(out: Path, sources: list[dict], **overrides: object) -> tuple[pd.DataFrame, dict]:
-    params = build(FetchParams, {"sources": sources, **FAST, **overrides}, "fetch")
+    params = build(FetchParams, {"sources": sources, "source_dir": ".", **FAST, **overrides}, "fetch")
     metrics = run_stage(replace(params, shards=out / "shards", table=out / "images.parquet"))
     return pd.read_parquet(out / "images.parquet"), metrics
 
@@ -167,7 +167,8 @@ def test_a_source_row_never_reaches_past_its_source(land, monkeypatch):
             {"name": "tar", "kind": "archive", "path": "archives/set.tar"},
         ]
         start = time.monotonic()
-        frame, metrics = run(land / "out", sources)
+        # source_dir "/" lets the /dev and /proc sources through the params check, to prove the reads refuse them too
+        frame, metrics = run(land / "out", sources, source_dir="/")
         elapsed = time.monotonic() - start
         requested = set(server.counts)
 
@@ -303,7 +304,7 @@ def test_bad_sources_and_params_fail_in_one_line(land):
         ({"name": "a", "kind": "archive", "path": "/dev/zero"}, "/dev/zero: not a regular file"),
     ]:
         with pytest.raises(PipelineError) as error:
-            run(land / "out", [source])
+            run(land / "out", [source], source_dir="/")  # past the params check, to the read itself
         assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
     web = table(Path("web.csv"), ["http://example.com/x.jpg"])
@@ -315,8 +316,32 @@ def test_bad_sources_and_params_fail_in_one_line(land):
         ({"sources": [web | {"url_prefix": "file://host/share"}]}, "param fetch.sources[web].url_prefix:"),
     ]:
         with pytest.raises(ParamError) as error:
-            build(FetchParams, {"sources": [web], **FAST, **overrides}, "fetch")
+            build(FetchParams, {"sources": [web], "source_dir": ".", **FAST, **overrides}, "fetch")
         assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_every_local_source_path_lies_under_source_dir(land):
+    table = {"name": "t", "kind": "table", "path": "sources/t.csv", "url_column": "image"}
+    inside = [
+        table | {"url_prefix": "file:sources/posters"},
+        {"name": "f", "kind": "folder", "path": "sources"},
+        {"name": "a", "kind": "archive", "path": "sources/sub/../set.zip"},
+    ]
+    built = build(FetchParams, {"sources": inside, "source_dir": "sources"}, "fetch")
+    assert built.source_dir == Path("sources")
+    for source, key in [
+        (table | {"path": "web.csv"}, "path"),
+        (table | {"url_prefix": "file:posters"}, "url_prefix"),
+        (table | {"url_prefix": "file:/dev"}, "url_prefix"),
+        ({"name": "f", "kind": "folder", "path": "sources/../posters"}, "path"),
+        ({"name": "f", "kind": "folder", "path": "sources_old"}, "path"),
+        ({"name": "a", "kind": "archive", "path": "/dev/zero"}, "path"),
+    ]:
+        with pytest.raises(ParamError) as error:
+            build(FetchParams, {"sources": [source], "source_dir": "sources"}, "fetch")
+        message = str(error.value)
+        assert message.startswith(f"param fetch.sources[{source['name']}].{key}: ") and "\n" not in message
+        assert message.endswith("is not inside fetch.source_dir (sources), the folder dvc.yaml tracks")
 
 
 def test_local_sources_work_whatever_allowed_schemes_says_and_changed_files_are_read_again(land):

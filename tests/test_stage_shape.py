@@ -90,9 +90,7 @@ def test_stage_data_paths_are_keys_of_its_own_params(name):
         if path.startswith(("postertune/", "stages/")):
             continue
         keys = TEMPLATE.findall(path)
-        if not keys:
-            assert path == "data/demo" and name == "fetch", f"{name}: {path} is not templated from params"
-            continue
+        assert keys, f"{name}: {path} is not templated from params"
         assert all(key.split(".")[0] == name for key in keys), f"{name}: {path} reads another stage's params"
         used.update(key.split(".", 1)[1] for key in keys)
     declared = {

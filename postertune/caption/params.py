@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-from postertune.params import Bounds, Invalid, NotEmpty
+from postertune.params import Bounds, Colour, Invalid, NotEmpty
 
 CaptionerName = Literal["metadata", "blip", "wd14"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -121,6 +121,7 @@ class CaptionParams:
     chunk_size: Annotated[int, Bounds(ge=1)] = 64  # images captioned between two cache writes
     workers: Annotated[int, Bounds(ge=1)] = 2  # image-decoding threads
     max_pixels: Annotated[int, Bounds(ge=1)] = 50_000_000
+    background: Colour = (255, 255, 255)  # transparent posters are composited onto this RGB colour
     metadata: MetadataParams = field(default_factory=MetadataParams)
     blip: BlipParams = field(default_factory=BlipParams)
     wd14: Wd14Params = field(default_factory=Wd14Params)

@@ -30,6 +30,7 @@ from postertune.store import ShardStore
 REQUIRED_COLUMNS = ("sha256", "width", "height")
 CURRENT_CACHES = "current.json"
 CAPTIONS, CACHE_DIR, EXPORT_DIR = "captions.parquet", "cache", "export"  # in params.output
+PIXELS = "upright"  # how images are decoded for the captioners: a change captions them again
 
 
 @dataclass
@@ -91,9 +92,9 @@ def caption_metadata(table: pd.DataFrame, params: MetadataParams) -> dict[str, C
     return records
 
 
-def _decode(data: bytes, max_pixels: int, size: int) -> Image.Image | str:
+def _decode(data: bytes, max_pixels: int, size: int, background: tuple[int, int, int]) -> Image.Image | str:
     try:
-        return load_image(data, max_pixels, draft=(size, size))
+        return load_image(data, max_pixels, draft=(size, size), background=background)
     except ImageRejected as exc:
         return exc.reason
 
@@ -131,7 +132,7 @@ def caption_images(
         return store.read(sha) if sha in store else None
 
     def decode(data: bytes) -> Image.Image | str:
-        return _decode(data, params.max_pixels, captioner.image_size)
+        return _decode(data, params.max_pixels, captioner.image_size, params.background)
 
     with (
         ThreadPoolExecutor(params.workers) as pool,
@@ -154,11 +155,18 @@ def caption_images(
     return len(pending)
 
 
+def cache_settings(name: str, params: CaptionParams) -> dict:
+    """What decides an image captioner's results, and so keys its cache: its own settings and
+    the pixels it is shown (decoded upright, transparency on ``params.background``)."""
+    own = params.blip.settings() if name == "blip" else params.wd14.settings()
+    return own | {"pixels": PIXELS, "background": list(params.background)}
+
+
 def _loader(name: str, params: CaptionParams) -> tuple[Callable[[], ImageCaptioner], dict]:
     """A deferred model load (only when there is work) and the settings that key the cache."""
     if name == "blip":
-        return (lambda: BlipCaptioner(params.blip)), params.blip.settings()
-    return (lambda: Wd14Tagger(params.wd14)), params.wd14.settings()
+        return (lambda: BlipCaptioner(params.blip)), cache_settings(name, params)
+    return (lambda: Wd14Tagger(params.wd14)), cache_settings(name, params)
 
 
 def run(params: CaptionParams) -> dict:

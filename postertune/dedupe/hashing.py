@@ -10,7 +10,9 @@ up to 18, and two different posters came as close as 5 bits under dHash (18 unde
 A JPEG is decoded with DCT scaling (draft mode) straight to at least twice the 32-pixel
 hash input, which skips most of the decode work; the hash moves by a few bits at most
 against a full decode (0-4 on 300 synthetic posters), and every image is hashed the same
-way. Every byte is still read, so a damaged file is still caught.
+way. Every byte is still read, so a damaged file is still caught. The image is hashed
+upright (its EXIF orientation applied), so a copy stored sideways with an Orientation tag
+is the same poster as its upright twin.
 """
 
 from __future__ import annotations
@@ -26,18 +28,24 @@ import pandas as pd
 import scipy.fftpack  # noqa: F401  imagehash.phash imports it on first use: here, forked workers inherit it
 
 from postertune.atomic import write_parquet
-from postertune.imagesafe import DEFAULT_MAX_PIXELS, ImageRejected, load_image
+from postertune.imagesafe import DEFAULT_MAX_PIXELS, WHITE, ImageRejected, load_image
 from postertune.store import ShardStore
 
 DRAFT_SIZE = (64, 64)
-# Names the hash recipe in the cache: a cached hash is reused only under the same recipe.
-METHOD = "imagehash.phash-8x8-draft64"
+# Names the hash recipe in the cache: a cached hash is reused only under the same recipe
+# (and the same background, see ``recipe``).
+METHOD = "imagehash.phash-8x8-draft64-upright"
 BATCH = 64
 
 
-def phash64(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+def recipe(background: tuple[int, int, int] = WHITE) -> str:
+    """The cache's name for hashes of images composited onto ``background``."""
+    return f"{METHOD}-on-{''.join(f'{c:02x}' for c in background)}"
+
+
+def phash64(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, background: tuple[int, int, int] = WHITE) -> int:
     """The pHash of image bytes as an unsigned 64-bit integer (its hex is ``str(imagehash.phash(...))``)."""
-    bits = imagehash.phash(load_image(data, max_pixels, draft=DRAFT_SIZE)).hash.ravel()
+    bits = imagehash.phash(load_image(data, max_pixels, draft=DRAFT_SIZE, background=background)).hash.ravel()
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
@@ -48,19 +56,23 @@ def hex64(value: int) -> str:
 HashResult = tuple[str, int | None, str | None]  # sha256, hash or None, rejection reason
 
 _worker_store: ShardStore | None = None
+_worker_background: tuple[int, int, int] = WHITE
 
 
-def _start_worker(store: ShardStore) -> None:
-    global _worker_store
-    _worker_store = store
+def _start_worker(store: ShardStore, background: tuple[int, int, int]) -> None:
+    global _worker_store, _worker_background
+    _worker_store, _worker_background = store, background
 
 
-def _hash_batch(shas: Sequence[str], store: ShardStore | None = None) -> list[HashResult]:
+def _hash_batch(
+    shas: Sequence[str], store: ShardStore | None = None, background: tuple[int, int, int] | None = None
+) -> list[HashResult]:
     store = store or _worker_store
+    background = background or _worker_background
     results: list[HashResult] = []
     for sha in shas:
         try:
-            results.append((sha, phash64(store.read(sha)), None))
+            results.append((sha, phash64(store.read(sha), background=background), None))
         except ImageRejected as exc:
             results.append((sha, None, exc.reason))
     return results
@@ -70,29 +82,32 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def iter_hashes(store: ShardStore, shas: Sequence[str], workers: int) -> Iterator[HashResult]:
-    """Hash the images ``shas`` of ``store`` in ``workers`` processes (1: in this one),
-    yielding results in order as they complete."""
+def iter_hashes(
+    store: ShardStore, shas: Sequence[str], workers: int, background: tuple[int, int, int] = WHITE
+) -> Iterator[HashResult]:
+    """Hash the images ``shas`` of ``store`` (transparency on ``background``) in ``workers``
+    processes (1: in this one), yielding results in order as they complete."""
     batches = [shas[i : i + BATCH] for i in range(0, len(shas), BATCH)]
     if workers <= 1 or len(batches) <= 1:
         for batch in batches:
-            yield from _hash_batch(batch, store)
+            yield from _hash_batch(batch, store, background)
         return
     len(store)  # builds the shard index once, before the workers inherit the store
-    with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=(store,)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=(store, background)) as pool:
         for results in pool.map(_hash_batch, batches):
             yield from results
 
 
-def load_cache(path: Path) -> dict[str, int]:
+def load_cache(path: Path, background: tuple[int, int, int] = WHITE) -> dict[str, int]:
     """Hashes saved by an earlier (possibly interrupted) run under the current recipe."""
     if not path.is_file():
         return {}
     frame = pd.read_parquet(path)
-    frame = frame[frame["method"] == METHOD]
+    frame = frame[frame["method"] == recipe(background)]
     return {sha: int(value, 16) for sha, value in zip(frame["sha256"], frame["phash"], strict=True)}
 
 
-def save_cache(path: Path, hashes: dict[str, int]) -> None:
-    frame = pd.DataFrame({"sha256": list(hashes), "phash": [hex64(v) for v in hashes.values()], "method": METHOD})
+def save_cache(path: Path, hashes: dict[str, int], background: tuple[int, int, int] = WHITE) -> None:
+    method = recipe(background)
+    frame = pd.DataFrame({"sha256": list(hashes), "phash": [hex64(v) for v in hashes.values()], "method": method})
     write_parquet(path, frame)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 from postertune.dedupe.grouping import KeepCriterion
-from postertune.params import Bounds, Invalid, NotEmpty
+from postertune.params import Bounds, Colour, Invalid, NotEmpty
 
 HASH_BITS = 64
 
@@ -18,6 +18,7 @@ class DedupeParams:
     max_distance: Annotated[int, Bounds(ge=0, lt=HASH_BITS // 2)] = 10
     keep_order: Annotated[tuple[KeepCriterion, ...], NotEmpty()] = ("pixels", "kb_per_pixel")
     workers: Annotated[int, Bounds(ge=0)] = 0  # hashing processes; 0: one per available core
+    background: Colour = (255, 255, 255)  # transparent posters are composited onto this RGB colour
     table: Path = Path("data/raw/images.parquet")  # the fetch stage's table
     shards: Path = Path("data/raw/shards")
     output: Path = Path("data/dedup")  # images.parquet, groups.csv and the pHash cache

@@ -21,6 +21,7 @@ from postertune.dedupe.grouping import assign_duplicates, keep_priority
 from postertune.dedupe.hashing import default_workers, hex64, iter_hashes, load_cache, save_cache
 from postertune.dedupe.params import DedupeParams
 from postertune.errors import PipelineError
+from postertune.imagesafe import WHITE
 from postertune.store import ShardStore
 from postertune.tables import read_stage_table
 
@@ -40,17 +41,22 @@ def read_fetched(path: Path) -> tuple[pd.DataFrame, int]:
     return frame[fetched].reset_index(drop=True), int((~fetched).sum())
 
 
-def hash_images(store: ShardStore, shas: list[str], workers: int, cache_path: Path) -> tuple[dict[str, int], dict]:
-    """pHashes of ``shas``, reusing and checkpointing ``cache_path`` so an interrupted or
-    re-thresholded run does not hash the same image twice; also returns timing counts."""
-    cached = load_cache(cache_path)
+def hash_images(
+    store: ShardStore, shas: list[str], workers: int, cache_path: Path, background: tuple[int, int, int] = WHITE
+) -> tuple[dict[str, int], dict]:
+    """pHashes of ``shas`` (transparency on ``background``), reusing and checkpointing ``cache_path``
+    so an interrupted or re-thresholded run does not hash the same image twice; also returns timing counts."""
+    cached = load_cache(cache_path, background)
     hashes = {sha: cached[sha] for sha in shas if sha in cached}
     todo = [sha for sha in shas if sha not in hashes]
     failures: dict[str, str] = {}
     started = last_save = time.monotonic()
     try:
         progress = tqdm(
-            iter_hashes(store, todo, workers or default_workers()), total=len(todo), desc="phash", unit="img"
+            iter_hashes(store, todo, workers or default_workers(), background),
+            total=len(todo),
+            desc="phash",
+            unit="img",
         )
         for sha, value, reason in progress:
             if value is None:
@@ -58,11 +64,11 @@ def hash_images(store: ShardStore, shas: list[str], workers: int, cache_path: Pa
             else:
                 hashes[sha] = value
             if time.monotonic() - last_save >= CHECKPOINT_SECONDS:
-                save_cache(cache_path, hashes)
+                save_cache(cache_path, hashes, background)
                 last_save = time.monotonic()
     finally:
         seconds = time.monotonic() - started
-        save_cache(cache_path, hashes)
+        save_cache(cache_path, hashes, background)
     if failures:
         sha, reason = next(iter(failures.items()))
         raise PipelineError(
@@ -123,7 +129,7 @@ def run(params: DedupeParams) -> dict:
         row = int(np.flatnonzero(rows["sha256"] == absent[0])[0])
         raise PipelineError(f"{params.table}: image {absent[0]} of url {rows['url'][row]} is not in {params.shards}")
     with store:
-        hashes, timing = hash_images(store, shas, params.workers, params.output / HASH_CACHE)
+        hashes, timing = hash_images(store, shas, params.workers, params.output / HASH_CACHE, params.background)
     started = time.monotonic()
     marked = mark_duplicates(rows, hashes, params)
     search_seconds = time.monotonic() - started

@@ -17,7 +17,7 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 
 from postertune.errors import PipelineError
-from postertune.imagesafe import ImageRejected, load_image
+from postertune.imagesafe import WHITE, ImageRejected, load_image
 from postertune.store import ShardStore
 
 
@@ -55,10 +55,10 @@ def reference_hashes(images_table: Path, store: ShardStore, max_images: int, see
     return hashes
 
 
-def reference_loader(store: ShardStore) -> Callable[[str], Image.Image]:
+def reference_loader(store: ShardStore, background: tuple[int, int, int] = WHITE) -> Callable[[str], Image.Image]:
     def load(sha: str) -> Image.Image:
         try:
-            return load_image(store.read(sha))
+            return load_image(store.read(sha), background=background)
         except ImageRejected as exc:
             raise PipelineError(f"{store.root}: image {sha} is unreadable ({exc.reason})") from None
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from postertune.devices import check_device, resolve_device
-from postertune.params import Bounds, Invalid
+from postertune.params import Bounds, Colour, Invalid
 
 TINY_CLIP = "tiny"  # a tiny random open_clip model: every step runs, the numbers mean nothing
 
@@ -20,6 +20,7 @@ class CmmdParams:
     images: Path = Path("data/filtered/images.parquet")
     shards: Path = Path("data/raw/shards")
     max_images: Annotated[int, Bounds(ge=2)] = 200
+    background: Colour = (255, 255, 255)  # transparent posters are composited onto this RGB colour
     sigma: Annotated[float, Bounds(gt=0)] = 10.0
     scale: float = 1000.0
 

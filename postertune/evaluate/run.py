@@ -75,7 +75,9 @@ def evaluate(params: EvaluateParams) -> EvaluateReport:
     cmmd = {}
     if references:
         with store:
-            real = embed_images(clip, references, reference_loader(store), params.batch_size, "cmmd reference")
+            real = embed_images(
+                clip, references, reference_loader(store, params.cmmd.background), params.batch_size, "cmmd reference"
+            )
         for model in models:
             own = embeddings[(samples["model"] == model).to_numpy()]
             cmmd[model] = mmd(own, real, params.cmmd.sigma, params.cmmd.scale)

@@ -7,7 +7,9 @@ shard's images are journalled. Entries whose image never reached a published sha
 only ever added, so publishing costs the same on the first shard and the thousandth.
 Failures are not journalled: the next run asks again (a dead link may come back, a
 raised byte cap may admit an image). A local file's entry carries its size and
-modification time, so a file replaced in place is read again.
+modification time, so a file replaced in place is read again. Each segment names how its
+sizes were measured (``SIZES``); entries measured another way (before EXIF orientation was
+applied) are read again, so the table never mixes stored and displayed sizes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from postertune.atomic import write_parquet
 from postertune.errors import PipelineError
 
 SEGMENT = re.compile(r"^journal-(\d{5,})\.parquet$")
+SIZES = "upright"  # width and height as displayed, EXIF orientation applied
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,9 @@ class Journal:
                 frame = pd.read_parquet(path)
                 if "stamp" not in frame.columns:
                     frame["stamp"] = ""  # a segment from before stamps: local files are read again
-                frame = frame[COLUMNS]
+                if "sizes" not in frame.columns:
+                    frame["sizes"] = ""
+                frame = frame[frame["sizes"] == SIZES][COLUMNS]
             except Exception as exc:  # pyarrow raises several types on a damaged or foreign file
                 raise PipelineError(
                     f"{path}: unreadable journal ({type(exc).__name__}); delete it to fetch again"
@@ -75,4 +80,5 @@ class Journal:
         segments = self.segments()
         number = int(SEGMENT.match(segments[-1].name).group(1)) + 1 if segments else 0
         frame = pd.DataFrame({column: [getattr(e, column) for e in images] for column in COLUMNS}).astype(DTYPES)
+        frame["sizes"] = SIZES
         write_parquet(self.root / f"journal-{number:05d}.parquet", frame)

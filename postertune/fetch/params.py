@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-from postertune.fetch.urls import WEB_SCHEMES, UrlRejected, check_web, is_file_prefix, prefix_folder
+from postertune.fetch.urls import WEB_SCHEMES, UrlRejected, check_web, inside, is_file_prefix, prefix_folder
 from postertune.params import Bounds, ParamError
 
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"]
@@ -55,6 +56,13 @@ class SourceParams:
         if not self.extensions:
             raise ParamError(f"{where}.extensions", "must list at least one file suffix")
 
+    def local_paths(self) -> list[tuple[str, Path]]:
+        """Every local path this source reads, by param key: its file or folder, and a ``file:`` prefix's folder."""
+        paths = [("path", self.path)]
+        if is_file_prefix(self.url_prefix):
+            paths.append(("url_prefix", prefix_folder(self.url_prefix)))
+        return paths
+
     @property
     def local(self) -> bool:
         """Does this source read local files (a folder, an archive, a ``file:`` prefix)?"""
@@ -80,6 +88,9 @@ class SourceParams:
 @dataclass(frozen=True)
 class FetchParams:
     sources: list[SourceParams]
+    # every source's files lie under this folder, which dvc.yaml tracks as the stage's input:
+    # a new row in a source table or a new file in a source folder makes the stage stale
+    source_dir: Path = Path("data/demo")
     # schemes a table's URL cells (and redirects) may use; local files come only from local sources
     allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
     # loopback/private/link-local networks web URLs may connect to anyway (a local mirror, tests)
@@ -113,6 +124,7 @@ class FetchParams:
         duplicate = next((n for n in names if names.count(n) > 1), None)
         if duplicate is not None:
             raise ParamError("fetch.sources", f"source name {duplicate!r} is used twice")
+        self._check_source_dir()
         unknown = sorted(set(self.allowed_schemes) - set(WEB_SCHEMES))
         if unknown:
             hint = (
@@ -129,6 +141,21 @@ class FetchParams:
         if not self.user_agent.strip():
             raise ParamError("fetch.user_agent", "must not be empty")
 
+    def _check_source_dir(self) -> None:
+        root = _absolute(self.source_dir)
+        for source in self.sources:
+            for key, path in source.local_paths():
+                if not inside(_absolute(path), root):
+                    raise ParamError(
+                        f"fetch.sources[{source.name}].{key}",
+                        f"{path} is not inside fetch.source_dir ({self.source_dir}), the folder dvc.yaml tracks",
+                    )
+
     @property
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]
+
+
+def _absolute(path: Path) -> str:
+    """``path`` made absolute and normalised (``..`` folded), symlinks left as written: what DVC tracks."""
+    return os.path.normpath(os.path.abspath(path))

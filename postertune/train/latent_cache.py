@@ -2,8 +2,8 @@
 
 A cached file holds the VAE latent of exactly one crop of one image and, as metadata,
 the micro-conditioning of that crop, so what the U-Net is told always matches what it
-sees. The folder is named by a fingerprint of the VAE weights and encode dtype: a new
-VAE never reuses latents of the old one. Files are written atomically one by one, so
+sees. The folder is named by a fingerprint of the VAE weights, the encode dtype and the
+background transparent images are composited onto: a new VAE never reuses latents of the old one. Files are written atomically one by one, so
 an interrupted cache build resumes where it stopped.
 """
 
@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from postertune.atomic import atomic_path
 from postertune.errors import PipelineError
 from postertune.fingerprint import fingerprint_module
-from postertune.imagesafe import ImageRejected, load_image
+from postertune.imagesafe import WHITE, ImageRejected, load_image
 from postertune.store import ShardStore
 from postertune.train.buckets import Crop
 
-CACHE_FORMAT = 1  # bump when the way pixels become latents changes (resampling, value range)
+CACHE_FORMAT = 2  # bump when the way pixels become latents changes (resampling, value range, EXIF orientation)
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ class LatentEntry:
         return f"{self.sha256[:2]}/{self.sha256}-{c.bucket.name}-{c.resized_width}x{c.resized_height}+{c.left}+{c.top}{flip}.safetensors"
 
 
-def vae_cache_id(vae: torch.nn.Module, dtype: torch.dtype) -> str:
-    return fingerprint_module(vae, str(dtype), CACHE_FORMAT)[:16]
+def vae_cache_id(vae: torch.nn.Module, dtype: torch.dtype, background: tuple[int, int, int] = WHITE) -> str:
+    return fingerprint_module(vae, str(dtype), CACHE_FORMAT, list(background))[:16]
 
 
 class LatentCache:
@@ -77,6 +77,7 @@ class LatentCache:
         batch_size: int,
         max_pixels: int,
         show_progress: bool = True,
+        background: tuple[int, int, int] = WHITE,
     ) -> int:
         """Encode every entry not cached yet; returns how many were encoded."""
         todo = sorted(self.missing(entries), key=lambda e: (e.crop.bucket, e.sha256))
@@ -88,7 +89,7 @@ class LatentCache:
                 group = list(group)
                 for start in range(0, len(group), batch_size):
                     chunk = group[start : start + batch_size]
-                    pixels = torch.stack([pixels_of(e, store, max_pixels) for e in chunk])
+                    pixels = torch.stack([pixels_of(e, store, max_pixels, background) for e in chunk])
                     latents = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
                     for entry, latent in zip(chunk, ((latents - shift) * scale).float().cpu(), strict=True):
                         if not torch.isfinite(latent).all():
@@ -101,11 +102,13 @@ class LatentCache:
         return len(todo)
 
 
-def pixels_of(entry: LatentEntry, store: ShardStore, max_pixels: int) -> torch.Tensor:
-    """The image cropped as ``entry`` says, as a CHW tensor in [-1, 1]."""
+def pixels_of(
+    entry: LatentEntry, store: ShardStore, max_pixels: int, background: tuple[int, int, int] = WHITE
+) -> torch.Tensor:
+    """The image (upright, transparency on ``background``) cropped as ``entry`` says, as a CHW tensor in [-1, 1]."""
     crop = entry.crop
     try:
-        image = load_image(store.read(entry.sha256), max_pixels)
+        image = load_image(store.read(entry.sha256), max_pixels, background=background)
     except ImageRejected as exc:
         raise PipelineError(f"image {entry.sha256} in {store.root}: cannot be decoded ({exc.reason})") from None
     if image.size != (crop.original_width, crop.original_height):

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from postertune.params import Bounds, Invalid, MultipleOf, ParamError, section
+from postertune.params import Bounds, Colour, Invalid, MultipleOf, ParamError, section
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class TrainParams:
     cache_dir: Path = Path("models/cache")  # latents and text embeddings, reused across runs
     output_dir: Path = Path("models")  # base/, unet/, sdxl-poster.safetensors, checkpoints/
     max_image_pixels: Annotated[int, AtLeastOne] = 50_000_000
+    background: Colour = (255, 255, 255)  # transparent posters are composited onto this RGB colour
     # buckets and crops
     resolution: Annotated[int, AtLeastOne] = 128
     bucket_step: Annotated[int, Bounds(ge=8), MultipleOf(8)] = 32  # the VAE downscales by 8

@@ -107,10 +107,12 @@ def fill_caches(
     share = slice(accelerator.process_index, None, accelerator.num_processes)
     show = accelerator.is_main_process
     plans = plan_entries(inputs.train + inputs.validation, params)
-    latents = LatentCache(params.cache_dir, vae_cache_id(components.vae, vae_dtype))
+    latents = LatentCache(params.cache_dir, vae_cache_id(components.vae, vae_dtype, params.background))
     entries = [entry for plan in plans for entry in plan]
     with ShardStore(params.shards) as store:
-        latents.fill(entries[share], store, components.vae, params.batch_size, params.max_image_pixels, show)
+        latents.fill(
+            entries[share], store, components.vae, params.batch_size, params.max_image_pixels, show, params.background
+        )
     encode = PromptEncoder(
         components.tokenizer, components.tokenizer_2, components.text_encoder, components.text_encoder_2
     )
