@@ -17,12 +17,14 @@ import importlib.util
 import io
 import math
 import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from dvc.utils.hydra import compose_and_dump
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -35,7 +37,7 @@ from tests.train_inputs import fresh_process_state, poster_bytes, write_params
 pytestmark = pytest.mark.usefixtures(fresh_process_state.__name__)
 PROJECT = Path(__file__).resolve().parents[1]
 
-STEPS, WARMUP, RESUME_AT = 8, 3, 2  # step 2 lies inside the warmup
+STEPS, WARMUP, RESUME_AT = 6, 3, 2  # step 2 lies inside the warmup
 LEARNING_RATE = 1e-3
 ADAFACTOR_ARGS = {"relative_step": False, "scale_parameter": False, "warmup_init": False, "clip_threshold": 1.0}
 WARMUP_SCHEDULES = ["constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -45,7 +47,7 @@ SCALED = dict(
     vae=None,
     captions="captions.parquet",
     shards="shards",
-    resolution=96,
+    resolution=64,
     bucket_step=32,
     min_bucket_reso=32,
     max_bucket_reso=192,
@@ -59,10 +61,11 @@ SCALED = dict(
 
 
 def profile_recipe(profile: str) -> dict:
-    """The train section of a profile composed over ``conf/base.yaml``, scaled to the tiny model."""
-    section = yaml.safe_load((PROJECT / "conf/base.yaml").read_text())["train"]
-    if profile != "demo":
-        section.update(yaml.safe_load((PROJECT / f"conf/profile/{profile}.yaml").read_text()).get("train", {}))
+    """The train section of a profile as ``dvc exp run -S profile=…`` composes it, scaled to the tiny model."""
+    with tempfile.TemporaryDirectory() as folder:
+        composed = Path(folder) / "params.yaml"
+        compose_and_dump(composed, str(PROJECT / "conf"), None, "config", "", [f"profile={profile}"])
+        section = yaml.safe_load(composed.read_text())["train"]
     section.update(SCALED)
     if section["learning_rate"] is not None:
         section["learning_rate"] = LEARNING_RATE
@@ -203,7 +206,8 @@ def test_recipe_trains_by_its_schedule_and_resumes_mid_warmup(tmp_path, monkeypa
     assert [k for k in final if not torch.equal(final[k], weights[-1][k])] == []
 
 
-@pytest.mark.parametrize("schedule", WARMUP_SCHEDULES)
+# a constant and a decaying schedule: every schedule's fused steps are held to it by the test above
+@pytest.mark.parametrize("schedule", ["constant_with_warmup", "cosine_with_restarts"])
 def test_fused_adafactor_trains_exactly_as_unfused(tmp_path, monkeypatch, schedule):
     """Stepping each weight inside backward is the same math as stepping after it."""
     final = {}
