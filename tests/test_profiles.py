@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from postertune.caption.params import CaptionParams
+from postertune.curate.params import CurateParams
 from postertune.dedupe.run import DedupeParams
 from postertune.evaluate.params import EvaluateParams
 from postertune.fetch.params import FetchParams
@@ -24,6 +25,7 @@ SECTIONS = {
     "dedupe": DedupeParams,
     "filter": FilterParams,
     "caption": CaptionParams,
+    "curate": CurateParams,
     "train": TrainParams,
     "sample": SampleParams,
     "evaluate": EvaluateParams,
