@@ -35,7 +35,7 @@ def _label(row: dict) -> list[str]:
     quality = row.get("jpeg_quality")
     quality = "png/webp" if pd.isna(quality) else f"q{int(quality)}"
     status = "kept" if row["kept"] else str(row.get("curate_reason"))
-    return [f"aes {row['aesthetic_score']:.2f} sim {row['clip_similarity']:.2f}", f"{quality} {status}"]
+    return [f"aes {row['aesthetic_score']:.3g} sim {row['clip_similarity']:.2f}", f"{quality} {status}"]
 
 
 def contact_sheet(rows: list[dict], store: ShardStore, thumbnail: int, title: str) -> Image.Image:

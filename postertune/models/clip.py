@@ -4,6 +4,7 @@ that scores images (curate scores the training set, evaluate the generated sampl
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +101,6 @@ def clip_fingerprint(params: ClipChoice) -> str:
     """What decides the image and text embeddings, without loading the model: the bytes of
     local weights, the name and tag of published ones, the seed and library versions of the
     tiny random model. Embeddings cached under one fingerprint are reused only with it."""
-    import open_clip
-
     local = params.weights_path
     if local is not None:
         source = {"files": fingerprint_files(local), "tiny": TINY_OVERRIDES if params.clip_model == TINY_CLIP else None}
@@ -109,7 +108,7 @@ def clip_fingerprint(params: ClipChoice) -> str:
         source = {"tiny": TINY_OVERRIDES, "seed": params.seed, "torch": torch.__version__.split("+")[0]}
     else:
         source = {"tag": params.clip_weights}
-    return fingerprint_json({"model": params.clip_model, "open_clip": open_clip.__version__, **source})
+    return fingerprint_json({"model": params.clip_model, "open_clip": version("open_clip_torch"), **source})
 
 
 def load_clip(params: ClipChoice, device: str) -> ClipEncoder:
