@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import pandas as pd
@@ -16,6 +17,13 @@ def guide_summary(values: Iterable[float]) -> dict[str, float]:
     series = pd.Series(values, dtype=float).dropna()
     described = series.describe()
     nan = float("nan")
+    with warnings.catch_warnings():  # nearly equal scores: scipy warns of precision, the value stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        shape = (
+            (float(stats.skew(series, bias=True)), float(stats.kurtosis(series, fisher=True, bias=True)))
+            if len(series)
+            else (nan, nan)
+        )
     return dict(
         count=int(described["count"]),
         mean=float(described.get("mean", nan)),
@@ -25,6 +33,6 @@ def guide_summary(values: Iterable[float]) -> dict[str, float]:
         median=float(described.get("50%", nan)),
         p75=float(described.get("75%", nan)),
         max=float(described.get("max", nan)),
-        skew=float(stats.skew(series, bias=True)) if len(series) else nan,
-        kurtosis=float(stats.kurtosis(series, fisher=True, bias=True)) if len(series) else nan,
+        skew=shape[0],
+        kurtosis=shape[1],
     )

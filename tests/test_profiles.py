@@ -71,6 +71,12 @@ def test_sdxl_profile_is_the_guides_recipe(tmp_path):
     assert sdxl["evaluate"]["clip_model"] == "ViT-L-14-quickgelu"
     assert sdxl["filter"] == demo["filter"]  # the guide's rules hold in both profiles
     assert {s["name"] for s in sdxl["fetch"]["sources"]} >= {"tmdb_tv", "myanimelist", "pku_posterlayout"}
+    # curation on, with the evaluate stage's scorer, a few thousand images shared among clusters
+    curate = sdxl["curate"]
+    assert curate["enabled"] and curate["clip_model"] == sdxl["evaluate"]["clip_model"] == "ViT-L-14-quickgelu"
+    assert curate["aesthetic_head"] == sdxl["evaluate"]["aesthetic_head"]
+    assert 1000 <= curate["top_k"] <= 10000 and curate["clusters"] > 1 and curate["min_aesthetic"] is not None
+    assert train["captions"] == f"{curate['output']}/images.parquet"
 
 
 def test_a_single_override_composes_on_top_of_the_profile(tmp_path):

@@ -50,7 +50,7 @@ def contact_sheet(rows: list[dict], store: ShardStore, thumbnail: int, title: st
     for i, row in enumerate(rows):
         x, y = (i % columns) * cell_w, 18 + (i // columns) * (cell_h + LABEL_HEIGHT)
         try:
-            image = load_image(store.read(row["sha256"]))
+            image = load_image(store.read(row["sha256"]), draft=(cell_w, cell_h))
             image.thumbnail((cell_w - 4, cell_h - 4))
             sheet.paste(image, (x + (cell_w - image.width) // 2, y + (cell_h - image.height) // 2))
         except (ImageRejected, Exception):  # noqa: BLE001 - a sheet shows what it can
@@ -95,7 +95,7 @@ def write_plots(
 
 def _save(image: Image.Image, path: Path) -> None:
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", compress_level=1)  # fast: sheets are large and rewritten every run
 
 
 def write_empty_plots(folder: Path) -> None:

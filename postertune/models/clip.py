@@ -4,9 +4,9 @@ that scores images (curate scores the training set, evaluate the generated sampl
 from __future__ import annotations
 
 import os
-from importlib.metadata import version
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol
