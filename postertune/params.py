@@ -180,6 +180,9 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # an optional value: its own type's problem says more than "does not fit"
+            return _convert(options[0], value, name)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:

@@ -30,14 +30,14 @@ from scipy import stats
 
 from postertune.cli import run_stage
 from postertune.errors import PipelineError
-from postertune.evaluate.aesthetic import load_aesthetic_head
-from postertune.evaluate.clip import TINY_ARCHITECTURE, TINY_OVERRIDES, check_weights, load_clip
 from postertune.evaluate.cmmd import mmd
 from postertune.evaluate.params import EvaluateParams
 from postertune.evaluate.run import evaluate, run
 from postertune.evaluate.samples import load_sample
 from postertune.evaluate.scoring import score_samples
 from postertune.evaluate.stats import bootstrap_interval, compare, paired_p_value, summarize, win_rate
+from postertune.models.aesthetic import load_aesthetic_head
+from postertune.models.clip import TINY_ARCHITECTURE, TINY_OVERRIDES, check_weights, load_clip
 from postertune.models.tiny import save_tiny_pipeline
 from postertune.params import ParamError, build
 from postertune.sample.params import SampleParams
@@ -361,12 +361,12 @@ def test_missing_weights_and_unknown_tags_name_the_parameter(tmp_path):
     head = tmp_path / "missing.pth"
     params = make_params(tmp_path, clip_model="ViT-L-14-quickgelu", clip_weights="openai", aesthetic_head=str(head))
     with pytest.raises(ParamError, match=f"{head} does not exist") as err:
-        check_weights(params)
+        check_weights(params, "evaluate")
     assert err.value.name == "evaluate.aesthetic_head"
     head.write_bytes(b"")
     params = make_params(tmp_path, clip_model="ViT-L-14-quickgelu", clip_weights="laion9b", aesthetic_head=str(head))
     with pytest.raises(ParamError, match="'laion9b' is no file or folder here, nor a pretrained tag") as err:
-        check_weights(params)
+        check_weights(params, "evaluate")
     assert err.value.name == "evaluate.clip_weights"
 
 

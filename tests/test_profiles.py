@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from postertune.caption.params import CaptionParams
+from postertune.curate.params import CurateParams
 from postertune.dedupe.run import DedupeParams
 from postertune.evaluate.params import EvaluateParams
 from postertune.fetch.params import FetchParams
@@ -24,6 +25,7 @@ SECTIONS = {
     "dedupe": DedupeParams,
     "filter": FilterParams,
     "caption": CaptionParams,
+    "curate": CurateParams,
     "train": TrainParams,
     "sample": SampleParams,
     "evaluate": EvaluateParams,
@@ -69,6 +71,12 @@ def test_sdxl_profile_is_the_guides_recipe(tmp_path):
     assert sdxl["evaluate"]["clip_model"] == "ViT-L-14-quickgelu"
     assert sdxl["filter"] == demo["filter"]  # the guide's rules hold in both profiles
     assert {s["name"] for s in sdxl["fetch"]["sources"]} >= {"tmdb_tv", "myanimelist", "pku_posterlayout"}
+    # curation on, with the evaluate stage's scorer, a few thousand images shared among clusters
+    curate = sdxl["curate"]
+    assert curate["enabled"] and curate["clip_model"] == sdxl["evaluate"]["clip_model"] == "ViT-L-14-quickgelu"
+    assert curate["aesthetic_head"] == sdxl["evaluate"]["aesthetic_head"]
+    assert 1000 <= curate["top_k"] <= 10000 and curate["clusters"] > 1 and curate["min_aesthetic"] is not None
+    assert train["captions"] == f"{curate['output']}/images.parquet"
 
 
 def test_a_single_override_composes_on_top_of_the_profile(tmp_path):

@@ -24,11 +24,11 @@ from tests.project_imports import PROJECT, import_closure, imported_modules, mod
 
 DVC_YAML = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
 STAGES = list(DVC_YAML["stages"])
-DOMAINS = ("fetch", "dedupe", "filter", "caption", "train", "sample", "evaluate")
+DOMAINS = ("fetch", "dedupe", "filter", "caption", "curate", "train", "sample", "evaluate")
 TEMPLATE = re.compile(r"\$\{([^}]+)\}")
 # params paths a stage keeps for itself between runs, not outputs DVC versions; and weights that
 # only some profiles name (null in the demo), which a fixed dvc.yaml entry cannot template
-WORK_PATHS = {"train.cache_dir", "evaluate.aesthetic_head"}
+WORK_PATHS = {"train.cache_dir", "evaluate.aesthetic_head", "curate.aesthetic_head"}
 
 
 def entry_path(entry: str | dict) -> str:
@@ -54,7 +54,7 @@ def composed_base() -> dict:
         return yaml.safe_load(out.read_text())
 
 
-def test_the_pipeline_is_the_seven_domain_stages():
+def test_the_pipeline_is_the_eight_domain_stages():
     assert STAGES == list(DOMAINS)
 
 

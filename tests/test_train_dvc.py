@@ -20,10 +20,10 @@ DEMO_POSTERS = [(600, 900)] * 8 + [(700, 1000), (800, 800), (640, 960), (512, 76
 def repo(tmp_path_factory) -> PipelineRepo:
     repo = PipelineRepo.copy_of_project(tmp_path_factory.mktemp("train-dvc"))
     repo.env = tool_env(OMP_NUM_THREADS="1")
-    # the train stage's inputs, as the caption stage and the fetch stage leave them
+    # the train stage's inputs, as the curate stage and the fetch stage leave them
     write_dataset(repo.root, DEMO_POSTERS)
-    (repo.root / "data/captions").mkdir(parents=True, exist_ok=True)
-    (repo.root / "captions.parquet").rename(repo.root / "data/captions/captions.parquet")
+    (repo.root / "data/curated").mkdir(parents=True, exist_ok=True)
+    (repo.root / "captions.parquet").rename(repo.root / "data/curated/images.parquet")
     (repo.root / "data/raw").mkdir(parents=True, exist_ok=True)
     (repo.root / "shards").rename(repo.root / "data/raw/shards")
     return repo

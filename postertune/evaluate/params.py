@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from postertune.devices import check_device, resolve_device
-from postertune.params import Bounds, Colour, Invalid
-
-TINY_CLIP = "tiny"  # a tiny random open_clip model: every step runs, the numbers mean nothing
+from postertune.models.clip_spec import check_clip_choice, local_weights
+from postertune.params import Bounds, Colour
 
 
 @dataclass(frozen=True)
@@ -42,15 +41,7 @@ class EvaluateParams:
     output: Path = Path("data/eval")
 
     def __post_init__(self) -> None:
-        if self.clip_model != TINY_CLIP and not self.clip_weights:
-            raise Invalid("clip_weights", f"{self.clip_model} needs weights (a tag such as openai, a file or a folder)")
-        if self.clip_weights == "openai" and "quickgelu" not in self.clip_model.lower():
-            raise Invalid(
-                "clip_model",
-                f"{self.clip_model} builds GELU but the OpenAI weights need QuickGELU: use {self.clip_model}-quickgelu",
-            )
-        if self.aesthetic_head is None and self.clip_model != TINY_CLIP:
-            raise Invalid("aesthetic_head", "name the LAION head (.pth); a random head is for the tiny model only")
+        check_clip_choice(self.clip_model, self.clip_weights, self.aesthetic_head)
         check_device("evaluate.device", self.device)
 
     @property
@@ -60,7 +51,4 @@ class EvaluateParams:
     @property
     def weights_path(self) -> Path | None:
         """The local file or folder the CLIP weights come from; None for a hub tag."""
-        if self.clip_weights is None:
-            return None
-        path = Path(self.clip_weights)
-        return path if path.exists() or "/" in self.clip_weights or path.suffix else None
+        return local_weights(self.clip_weights)

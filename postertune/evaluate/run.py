@@ -8,14 +8,14 @@ from functools import partial
 import pandas as pd
 
 from postertune.atomic import atomic_path
-from postertune.evaluate.aesthetic import load_aesthetic_head
-from postertune.evaluate.clip import check_weights, load_clip
 from postertune.evaluate.cmmd import mmd, reference_hashes, reference_loader
 from postertune.evaluate.params import EvaluateParams
 from postertune.evaluate.report import comparison_table, headline_metrics
 from postertune.evaluate.samples import MANIFEST, load_sample, read_samples
 from postertune.evaluate.scoring import embed_images, score_samples
 from postertune.evaluate.stats import METRICS, Comparison, compare, summarize
+from postertune.models.aesthetic import load_aesthetic_head
+from postertune.models.clip import check_weights, load_clip
 from postertune.params import ParamError
 from postertune.store import ShardStore
 
@@ -37,7 +37,7 @@ def run(params: EvaluateParams) -> dict:
 
 def evaluate(params: EvaluateParams) -> EvaluateReport:
     """Check every input first, then score, summarise, compare and write the tables."""
-    check_weights(params)
+    check_weights(params, "evaluate")
     samples = read_samples(params.samples)
     models = list(dict.fromkeys(samples["model"]))
     if params.candidate not in models:

@@ -9,8 +9,8 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from postertune.evaluate.aesthetic import AestheticHead
-from postertune.evaluate.clip import ClipEncoder, clip_scores
+from postertune.models.aesthetic import AestheticHead
+from postertune.models.clip import ClipEncoder, clip_scores
 
 SCORE_COLUMNS = ["model", "prompt_id", "seed", "path", "clip_score", "clip_score_100", "aesthetic_score"]
 

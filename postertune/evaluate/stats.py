@@ -14,30 +14,21 @@ import pandas as pd
 from scipy import stats
 
 from postertune.errors import PipelineError
+from postertune.summary import guide_summary
 
 METRICS = {"aesthetic": "aesthetic_score", "clip_score": "clip_score"}  # metric name: score column
 
 
 def summarize(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per model: the aesthetic score's describe(), skew and excess kurtosis (both biased),
-    and the CLIP score's mean and population std."""
+    """Per model: the guide's statistics of the aesthetic score (``postertune.summary``), and the
+    CLIP score's mean and population std."""
     rows = []
     for model, group in scores.groupby("model", sort=False):
-        aesthetic = group["aesthetic_score"]
-        described = aesthetic.describe()
+        aesthetic = {f"aesthetic_{k}": v for k, v in guide_summary(group["aesthetic_score"]).items()}
         rows.append(
             dict(
                 model=model,
-                aesthetic_count=int(described["count"]),
-                aesthetic_mean=described["mean"],
-                aesthetic_std=described["std"],
-                aesthetic_min=described["min"],
-                aesthetic_p25=described["25%"],
-                aesthetic_median=described["50%"],
-                aesthetic_p75=described["75%"],
-                aesthetic_max=described["max"],
-                aesthetic_skew=stats.skew(aesthetic, bias=True),
-                aesthetic_kurtosis=stats.kurtosis(aesthetic, fisher=True, bias=True),
+                **aesthetic,
                 clip_score_mean=np.mean(group["clip_score"]),
                 clip_score_std=np.std(group["clip_score"]),
             )

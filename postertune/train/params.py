@@ -87,7 +87,7 @@ class TrainParams:
     vae: str | None = None  # VAE override, e.g. madebyollin/sdxl-vae-fp16-fix
     no_half_vae: bool = True  # keep the VAE in float32 under fp16/bf16 mixed precision
     # data
-    captions: Path = Path("data/captions/captions.parquet")  # the caption stage's table
+    captions: Path = Path("data/curated/images.parquet")  # the curate stage's table (all captioned when off)
     shards: Path = Path("data/raw/shards")
     cache_dir: Path = Path("models/cache")  # latents and text embeddings, reused across runs
     output_dir: Path = Path("models")  # base/, unet/, sdxl-poster.safetensors, checkpoints/

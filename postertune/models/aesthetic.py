@@ -1,4 +1,5 @@
-"""The LAION aesthetic predictor head: an affine MLP on the normalised CLIP image embedding."""
+"""The LAION aesthetic predictor head: an affine MLP on the normalised CLIP image embedding
+(shared by the stages that score images: curate and evaluate)."""
 
 from __future__ import annotations
 

@@ -1,17 +1,22 @@
-"""CLIP image and text embeddings with open_clip, L2-normalised."""
+"""CLIP image and text embeddings with open_clip, L2-normalised: one loader for every stage
+that scores images (curate scores the training set, evaluate the generated samples)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
 from types import ModuleType
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
-from postertune.evaluate.params import TINY_CLIP, EvaluateParams
+from postertune.fingerprint import fingerprint_files, fingerprint_json
+from postertune.models.clip_spec import TINY_CLIP
 from postertune.params import ParamError
 
 TINY_ARCHITECTURE = "ViT-L-14"
@@ -20,6 +25,18 @@ TINY_OVERRIDES = dict(
     vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16, head_width=32),
     text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
 )
+
+
+class ClipChoice(Protocol):
+    """The fields a scoring stage's params declare (``postertune.models.clip_spec``)."""
+
+    clip_model: str
+    clip_weights: str | None
+    aesthetic_head: Path | None
+    seed: int  # the tiny model's and the random head's weights
+
+    @property
+    def weights_path(self) -> Path | None: ...
 
 
 @dataclass
@@ -53,7 +70,7 @@ def clip_scores(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np
     return np.einsum("ij,ij->i", image_embeddings, text_embeddings)
 
 
-def _open_clip(params: EvaluateParams) -> ModuleType:
+def _open_clip(params: ClipChoice) -> ModuleType:
     if params.weights_path is not None or params.clip_model == TINY_CLIP:
         # huggingface_hub reads this once, on import: nothing here may reach the hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,24 +79,39 @@ def _open_clip(params: EvaluateParams) -> ModuleType:
     return open_clip
 
 
-def check_weights(params: EvaluateParams) -> None:
-    """The CLIP weights and the aesthetic head named in params exist, before anything loads."""
+def check_weights(params: ClipChoice, section: str) -> None:
+    """The CLIP weights and the aesthetic head named in params exist, before anything loads;
+    errors name ``<section>.clip_weights`` or ``<section>.aesthetic_head``."""
     local = params.weights_path
     if local is not None and not local.exists():
-        raise ParamError("evaluate.clip_weights", f"{local} does not exist")
+        raise ParamError(f"{section}.clip_weights", f"{local} does not exist")
     if params.aesthetic_head is not None and not params.aesthetic_head.is_file():
-        raise ParamError("evaluate.aesthetic_head", f"{params.aesthetic_head} does not exist")
+        raise ParamError(f"{section}.aesthetic_head", f"{params.aesthetic_head} does not exist")
     if local is None and params.clip_model != TINY_CLIP:
         tags = _open_clip(params).list_pretrained_tags_by_model(params.clip_model)
         if params.clip_weights not in tags:
             raise ParamError(
-                "evaluate.clip_weights",
+                f"{section}.clip_weights",
                 f"{params.clip_weights!r} is no file or folder here, nor a pretrained tag of {params.clip_model}"
                 f" ({', '.join(tags) or 'none'})",
             )
 
 
-def load_clip(params: EvaluateParams, device: str) -> ClipEncoder:
+def clip_fingerprint(params: ClipChoice) -> str:
+    """What decides the image and text embeddings, without loading the model: the bytes of
+    local weights, the name and tag of published ones, the seed and library versions of the
+    tiny random model. Embeddings cached under one fingerprint are reused only with it."""
+    local = params.weights_path
+    if local is not None:
+        source = {"files": fingerprint_files(local), "tiny": TINY_OVERRIDES if params.clip_model == TINY_CLIP else None}
+    elif params.clip_model == TINY_CLIP:
+        source = {"tiny": TINY_OVERRIDES, "seed": params.seed, "torch": torch.__version__.split("+")[0]}
+    else:
+        source = {"tag": params.clip_weights}
+    return fingerprint_json({"model": params.clip_model, "open_clip": version("open_clip_torch"), **source})
+
+
+def load_clip(params: ClipChoice, device: str) -> ClipEncoder:
     """An open_clip folder (``open_clip_config.json`` + weights), the tiny model (random or
     from a weights file), or a named model with a pretrained tag or weights file."""
     open_clip = _open_clip(params)
