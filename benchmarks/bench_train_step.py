@@ -68,6 +68,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from postertune.models.sdxl_configs import SDXL_UNET  # noqa: E402
 from postertune.models.tiny import (  # noqa: E402
     POOLED_WIDTH,
     SDXL_SCHEDULER_CONFIG,
@@ -105,23 +106,6 @@ EXAMPLE_ADAMW_ARGS = dict(betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-08)
 EXAMPLE_MAX_GRAD_NORM = 1.0
 # ----------------------------------------------------------------------------------------------
 
-# The SDXL 1.0 base U-Net (2,567,463,684 parameters); weights are random, built from this config.
-SDXL_UNET_CONFIG = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s; the first name contained in the device's wins.
 PEAK_BF16_TFLOPS = (
@@ -154,7 +138,7 @@ class Size:
 
 SIZES = {
     "tiny": Size(tiny_unet_config(), TEXT_WIDTH + TEXT_WIDTH_2, POOLED_WIDTH, 64, 1, 1, 0.5, 0.5, 60.0),
-    "sdxl": Size(SDXL_UNET_CONFIG, 2048, 1280, 1024, 5, 2, 10.0, 0.1, 150.0),
+    "sdxl": Size(SDXL_UNET, 2048, 1280, 1024, 5, 2, 10.0, 0.1, 150.0),
 }
 
 
