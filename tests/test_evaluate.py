@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 from diffusers import UNet2DConditionModel
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import save_file
 from scipy import stats
 
@@ -44,6 +44,7 @@ from postertune.sample.params import SampleParams
 from postertune.sample.run import sample
 from postertune.store import ShardWriter, sha256_hex
 from tests.pipeline_repo import tool_env
+from tests.posters import poster
 
 PROJECT = Path(__file__).resolve().parents[1]
 AESTHETIC_HEAD = Path(
@@ -69,20 +70,6 @@ def make_params(samples: Path, out: Path | None = None, **overrides) -> Evaluate
     )
     data.update(overrides)
     return build(EvaluateParams, data, "evaluate")
-
-
-def poster(seed: int, size: tuple[int, int] = (64, 96)) -> Image.Image:
-    """A small synthetic poster: a coloured background, a few shapes and a title bar."""
-    rng = np.random.default_rng(seed)
-    img = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 256, 3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(4):
-        x0, y0 = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
-        x1, y1 = x0 + rng.integers(8, size[0] // 2), y0 + rng.integers(8, size[1] // 2)
-        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    draw.rectangle((0, size[1] - 14, size[0], size[1]), fill=(10, 10, 10))
-    draw.text((3, size[1] - 13), f"No. {seed}", fill=(250, 250, 250))
-    return img
 
 
 def write_samples(folder: Path, rows: list[dict]) -> Path:
