@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from postertune.params import build
+from tests.profiles import composed_params
 from tests.project_imports import PROJECT, import_closure, imported_modules, module_file, module_name
 
 DVC_YAML = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
@@ -42,16 +43,6 @@ def stage_paths(stage: dict, *kinds: str) -> list[str]:
 def params_class(name: str) -> type:
     module = importlib.import_module(f"postertune.{name}.params")
     return getattr(module, f"{name.capitalize()}Params")
-
-
-def composed_base() -> dict:
-    """``conf/`` composed with no overrides: the demo profile, whatever params.yaml holds now."""
-    from dvc.utils.hydra import compose_and_dump
-
-    with __import__("tempfile").TemporaryDirectory() as folder:
-        out = Path(folder) / "params.yaml"
-        compose_and_dump(out, str(PROJECT / "conf"), None, "config", "", [])
-        return yaml.safe_load(out.read_text())
 
 
 def test_the_pipeline_is_the_eight_domain_stages():
@@ -84,7 +75,7 @@ def test_dvc_deps_cover_every_project_file_the_stage_imports(name):
 @pytest.mark.parametrize("name", STAGES)
 def test_stage_data_paths_are_keys_of_its_own_params(name):
     stage = DVC_YAML["stages"][name]
-    params = composed_base()[name]
+    params = composed_params()[name]
     used = set()
     for path in stage_paths(stage, "deps", "outs"):
         if path.startswith(("postertune/", "stages/")):
@@ -182,7 +173,7 @@ def test_each_default_lives_in_one_place(name):
     """Every param appears in conf/base.yaml (so ``-S`` can set it and ``dvc params diff`` shows it),
     and where the dataclass has a default too, it is the same value."""
     cls = params_class(name)
-    section = composed_base()[name]
+    section = composed_params()[name]
     missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in section)
     assert missing == [], f"conf/base.yaml lacks {name}: {missing}"
     loaded = _plain(build(cls, section, name))

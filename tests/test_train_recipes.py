@@ -17,14 +17,11 @@ import importlib.util
 import io
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-import yaml
-from dvc.utils.hydra import compose_and_dump
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -32,6 +29,7 @@ from postertune.store import ShardWriter, sha256_hex
 from postertune.train.optim import make_lr_scheduler, make_optimizer
 from postertune.train.params import TrainParams, load_train_params
 from postertune.train.run import run as train
+from tests.profiles import composed_params
 from tests.train_inputs import fresh_process_state, poster_bytes, write_params
 
 pytestmark = pytest.mark.usefixtures(fresh_process_state.__name__)
@@ -62,10 +60,7 @@ SCALED = dict(
 
 def profile_recipe(profile: str) -> dict:
     """The train section of a profile as ``dvc exp run -S profile=…`` composes it, scaled to the tiny model."""
-    with tempfile.TemporaryDirectory() as folder:
-        composed = Path(folder) / "params.yaml"
-        compose_and_dump(composed, str(PROJECT / "conf"), None, "config", "", [f"profile={profile}"])
-        section = yaml.safe_load(composed.read_text())["train"]
+    section = composed_params(profile)["train"]
     section.update(SCALED)
     if section["learning_rate"] is not None:
         section["learning_rate"] = LEARNING_RATE

@@ -11,12 +11,10 @@ import importlib.util
 import io
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image, ImageOps
 from transformers.optimization import Adafactor
@@ -38,9 +36,8 @@ from postertune.train.optim import (
 )
 from postertune.train.params import TrainParams, check_runtime
 from postertune.train.tracking import TrainLog
+from tests.profiles import composed_params
 from tests.train_inputs import fresh_process_state, train_section, write_dataset
-
-PROJECT = Path(__file__).resolve().parents[1]
 
 
 def params(**overrides) -> TrainParams:
@@ -487,8 +484,7 @@ def test_resumed_log_forgets_what_came_after_the_checkpoint(tmp_path):
 
 
 def test_switching_the_sdxl_profile_to_adamw_names_every_arg_to_drop():
-    section = yaml.safe_load((PROJECT / "conf/base.yaml").read_text())["train"]
-    section.update(yaml.safe_load((PROJECT / "conf/profile/sdxl.yaml").read_text())["train"])
+    section = composed_params("sdxl")["train"]
     section.update(base="tiny", vae=None, optimizer="AdamW")
     with pytest.raises(ParamError, match=r"-S train.fused_backward_pass=false"):
         build(TrainParams, section, "train")
