@@ -349,3 +349,67 @@ def test_a_bad_merge_file_stops_the_stage_before_anything_is_written(models, ful
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"lora: error: LoRA {bad}: key "), done.stderr
     assert not out.exists() and params.merge[1].weight == 0.5
+
+
+# -- the sample stage renders LoRAs ----------------------------------------------------------------
+
+
+def test_sample_stage_renders_base_plus_lora_and_finetuned_plus_lora_at_a_weight(models, full_rank, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from postertune.params import build
+    from postertune.sample.params import SampleParams
+    from postertune.sample.run import sample
+
+    stage = Path(__file__).resolve().parents[1]
+    lora = {"path": str(full_rank["path"])}
+    params = build(
+        SampleParams,
+        dict(
+            models=[
+                dict(name="finetuned", base=str(models["base"]), unet=str(models["unet"])),
+                dict(name="base", base=str(models["base"])),
+                dict(name="base-lora", base=str(models["base"]), loras=[lora]),  # base+lora:<file>
+                dict(  # finetuned+lora:<file>@-1: the fine-tune with its own delta taken out again
+                    name="finetuned-lora",
+                    base=str(models["base"]),
+                    unet=str(models["unet"]),
+                    loras=[{**lora, "weight": -1.0}],
+                ),
+            ],
+            prompts=str(stage / "data/prompts/posters.csv"),
+            negative_presets=str(stage / "data/prompts/negative_presets.yaml"),
+            lora_dir=str(models["root"]),
+            prompt_ids=["pet_bag"],
+            images_per_prompt=1,
+            steps=2,
+            width=64,
+            height=64,
+            grid_cell_width=64,
+            device="cpu",
+            output=str(tmp_path / "samples"),
+        ),
+        "sample",
+    )
+    report = sample(params)
+    assert report.images == 4 and len(report.grids) == 1
+
+    def pixels(model: str) -> np.ndarray:
+        path = tmp_path / "samples" / "images" / model / "pet_bag" / "seed-0.png"
+        return np.asarray(Image.open(path), dtype=np.int16)
+
+    assert np.abs(pixels("base-lora") - pixels("finetuned")).max() <= 2
+    assert np.abs(pixels("finetuned-lora") - pixels("base")).max() <= 2
+    assert np.abs(pixels("base") - pixels("finetuned")).max() > 10
+    # the LoRA's file and weight are part of what an image is keyed on
+    from postertune.sample.models import fingerprints
+    from postertune.sample.params import LoraWeight, SampledModel
+
+    def model(weight: float) -> SampledModel:
+        return SampledModel(
+            name=f"w{weight:g}", base=str(models["base"]), loras=[LoraWeight(full_rank["path"], weight)]
+        )
+
+    hashes = fingerprints([model(1.0), model(0.5)])
+    assert hashes["w1"] != hashes["w0.5"]

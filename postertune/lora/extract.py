@@ -48,11 +48,20 @@ class Factored:
     shape: tuple[int, ...]
     up: torch.Tensor  # fan-out × k
     down: torch.Tensor  # k × fan-in
-    singular: torch.Tensor  # every singular value, descending
+    singular: torch.Tensor  # the singular values found, descending: all of them, or (randomized) the leading ones
+    norm2: float  # ||delta||²
+    complete: bool  # singular holds every singular value
 
     @property
     def kind(self) -> str:
         return kernel_kind(self.shape)
+
+    def left_out(self, k: int) -> float:
+        """||delta - rank-k LoRA||²: the singular values left out; with a randomized SVD, ||delta||² less
+        those kept (exact too: its rank-k factors are the projection of delta onto k orthonormal columns)."""
+        if self.complete:
+            return float(self.singular[k:].double().pow(2).sum())
+        return max(self.norm2 - float(self.singular[:k].double().pow(2).sum()), 0.0)
 
     def tensors(self, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(down, up)`` of rank ``rank`` in the kohya shapes (convs: k×in×kh×kw and out×k×1×1)."""
@@ -93,7 +102,7 @@ class Extraction:
             if layer is None:
                 left += norm2
             else:
-                left += float(layer.singular[self.kept(name, rank) :].double().pow(2).sum())
+                left += layer.left_out(self.kept(name, rank))
         return math.sqrt(left / total) if total > 0 else 0.0
 
 
@@ -112,6 +121,7 @@ def extract(
     conv_rank: int,
     skip_threshold: float,
     device: str = "cpu",
+    svd: str = "full",
     progress=None,
 ) -> Extraction:
     """Factor every Linear/Conv delta of ``tuned`` against ``base``, keeping up to ``max(ranks)``."""
@@ -134,7 +144,7 @@ def extract(
             skipped.append(name)
             continue
         del before
-        u, s, vh = torch.linalg.svd(delta.reshape(shape[0], -1), full_matrices=False)
+        u, s, vh, complete = factor(delta.reshape(shape[0], -1), limit, svd)
         k = min(limit, s.shape[0])
         root = s[:k].sqrt()
         factored[name] = Factored(
@@ -142,11 +152,29 @@ def extract(
             up=(u[:, :k] * root).cpu(),
             down=(root[:, None] * vh[:k]).cpu(),
             singular=s.cpu(),
+            norm2=norm * norm,
+            complete=complete,
         )
         del u, s, vh, delta
         if progress is not None:
             progress(name)
     return Extraction(factored, norms, skipped, conv_rank, time.monotonic() - started, dict(tuned.config), layers)
+
+
+def factor(matrix: torch.Tensor, rank: int, svd: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """``(U, S, Vh, complete)`` of ``matrix``: LAPACK's full SVD (of the taller orientation, which is
+    faster), or a randomized one (Halko et al., ``torch.svd_lowrank``) of ``rank`` + 8 columns and
+    4 power iterations when that is well below the matrix's rank."""
+    rows, cols = matrix.shape
+    smaller = min(rows, cols)
+    if svd == "randomized" and rank + 8 < smaller // 2:
+        u, s, v = torch.svd_lowrank(matrix, q=rank + 8, niter=4)
+        return u, s, v.T, False
+    if rows < cols:
+        v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)
+        return uh.T, s, v.T, True
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u, s, vh, True
 
 
 def lora_tensors(extraction: Extraction, rank: int, precision: Precision) -> dict[str, torch.Tensor]:

@@ -29,6 +29,9 @@ class LoraParams:
     conv_rank: Annotated[int, Bounds(ge=0)] = 8
     # a layer whose delta's Frobenius norm is at most this fraction of its weight's is left out
     skip_threshold: Annotated[float, Bounds(ge=0)] = 1.0e-6
+    # full: LAPACK's exact SVD; randomized: a randomized SVD of rank + 8 columns (far faster at full
+    # SDXL size for ranks well below a layer's width; the error reported stays exact)
+    svd: Literal["full", "randomized"] = "full"
     save_precision: Precision = "float"
     device: str = "auto"  # where the SVDs run: auto (a GPU when present), cpu, cuda, cuda:N
     merge: list[MergeItem] = field(default_factory=list)  # [] : nothing is merged

@@ -82,7 +82,9 @@ def base_model_name(base: Path) -> str:
 def extract_all(params: LoraParams, out: Path, device: str) -> dict:
     base, tuned = open_unet_weights(params.base), FolderWeights(params.unet)
     try:
-        extraction = extract(base, tuned, params.extract_ranks, params.conv_rank, params.skip_threshold, device)
+        extraction = extract(
+            base, tuned, params.extract_ranks, params.conv_rank, params.skip_threshold, device, params.svd
+        )
     finally:
         base.close()
         tuned.close()
