@@ -23,7 +23,7 @@ class LoraParams:
     enabled: bool = True  # false: the stage writes an empty output folder and no LoRA
     base: Path = Path("models/base")  # the saved base (full folder or base.json pointer)
     unet: Path = Path("models/unet")  # the fine-tuned U-Net folder
-    # one file per rank, rank-<r>.safetensors; each Linear and 1×1 conv gets this rank
+    # one file per rank, rank-<r>.safetensors; each Linear and 1×1 conv gets this rank ([]: merge only)
     extract_ranks: list[Annotated[int, Bounds(ge=1)]] = field(default_factory=lambda: [4, 16])
     # rank of the 3×3 convs (kohya-ss conv_dim); 0 leaves them out
     conv_rank: Annotated[int, Bounds(ge=0)] = 8

@@ -80,6 +80,8 @@ def base_model_name(base: Path) -> str:
 
 
 def extract_all(params: LoraParams, out: Path, device: str) -> dict:
+    if not params.extract_ranks:  # merge only
+        return {"enabled": 1, "layers": 0, "skipped_layers": 0, "extract_seconds": 0.0, "ranks": {}}
     base, tuned = open_unet_weights(params.base), FolderWeights(params.unet)
     try:
         extraction = extract(
