@@ -8,7 +8,8 @@ parameters, random weights, nothing downloaded) as sharded fp16 diffusers folder
 ``--workdir`` (about 5 GB each, reused by later runs), generated one tensor at a time: the
 fine-tune is the base plus dense noise of 1/100 of each weight's scale. Then each rank runs in
 its own process, the way the lora stage runs (layers read one at a time from both folders, one
-file written): wall time, CPU time, peak resident memory (``ru_maxrss``), file size and the
+file written): wall time, CPU time, peak resident memory (``ru_maxrss``, which counts the
+memory-mapped weight files too) and peak anonymous memory (sampled ``RssAnon``), file size and the
 relative Frobenius error of the delta, as a Markdown table.
 """
 
@@ -82,11 +83,35 @@ def write_unets(workdir: Path, seed: int = 0) -> tuple[Path, Path]:
     return base.parent, tuned
 
 
+class AnonPeak:
+    """Peak anonymous resident memory (``RssAnon``), sampled: ``ru_maxrss`` also counts the pages of
+    the memory-mapped safetensors files, which are page cache that the kernel can drop."""
+
+    def __init__(self, every_s: float = 0.1):
+        import threading
+
+        self.peak_kb, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _watch(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return round(self.peak_kb / 1024**2, 2)
+
+
 def run_one(base: Path, tuned: Path, rank: int, svd: str, out: Path) -> dict:
     """One extraction as the stage runs it; this process's numbers."""
     from postertune.lora.extract import extract, lora_metadata, lora_tensors, save_lora
     from postertune.models.weights import open_unet_weights
 
+    anon = AnonPeak()
     started, cpu = time.monotonic(), time.process_time()
     b, t = open_unet_weights(base), open_unet_weights(tuned)
     extraction = extract(b, t, [rank], rank, 0.0, "cpu", svd)
@@ -97,6 +122,7 @@ def run_one(base: Path, tuned: Path, rank: int, svd: str, out: Path) -> dict:
         wall_s=round(time.monotonic() - started, 1),
         cpu_s=round(time.process_time() - cpu, 1),
         peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+        peak_anon_gb=anon.stop(),
         file_mb=round(out.stat().st_size / 1e6, 1),
         layers=len(extraction.layers),
         relative_error=round(extraction.relative_error(rank), 4),
