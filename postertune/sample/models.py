@@ -8,6 +8,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from postertune.fingerprint import fingerprint_files, fingerprint_json
 from postertune.models.loading import load_pipeline, load_unet, pipeline_from_source
+from postertune.models.lora import check_loras, merge_loras
 from postertune.models.precision import Precision, torch_dtype
 from postertune.models.sources import ModelSource, validate_model_source
 from postertune.params import ParamError
@@ -28,6 +29,9 @@ def check_models(models: list[SampledModel]) -> None:
         if model.unet is not None and not (model.unet / "config.json").is_file():
             what = "is not a diffusers U-Net folder (no config.json)" if model.unet.is_dir() else "does not exist"
             raise ParamError(f"{where}.unet", f"{model.unet} {what}")
+        for j, lora in enumerate(model.loras):
+            if not lora.path.is_file():
+                raise ParamError(f"{where}.loras[{j}].path", f"{lora.path} does not exist")
 
 
 def fingerprints(models: list[SampledModel]) -> dict[str, str]:
@@ -54,6 +58,8 @@ def fingerprints(models: list[SampledModel]) -> dict[str, str]:
             parts["unet"] = source_hash(model.unet)
         if model.single_file_config is not None:
             parts["single_file_config"] = source_hash(model.single_file_config, weights=False)
+        if model.loras:
+            parts["loras"] = [[source_hash(lora.path), lora.weight] for lora in model.loras]
         result[model.name] = fingerprint_json(parts)
     return result
 
@@ -66,5 +72,7 @@ def load_model(model: SampledModel, precision: Precision, device: str) -> Stable
         unet = load_unet(model.unet, dtype) if model.unet is not None else None
         source = ModelSource(base=model.base, single_file_config=model.single_file_config)
         pipe = pipeline_from_source(source, dtype=dtype, unet=unet)
+    if model.loras:
+        merge_loras(pipe.unet, check_loras([(lora.path, lora.weight) for lora in model.loras], pipe.unet))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -16,14 +16,26 @@ SchedulerName = Literal["euler", "euler_a", "heun", "lms", "ddim", "dpm++2m", "d
 
 
 @dataclass(frozen=True)
+class LoraWeight:
+    """A LoRA file (kohya or diffusers/PEFT layout) merged into the model's U-Net with ``weight``."""
+
+    path: Path
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class SampledModel:
     """One model to compare. ``base``: a saved base folder (``models/base``, full or pointer),
-    a diffusers folder, a single-file ``.safetensors``, a hub id, or ``tiny``."""
+    a diffusers folder, a single-file ``.safetensors``, a hub id, or ``tiny``.
+
+    ``base + lora:<file>`` is ``{base: models/base, loras: [{path: <file>}]}``;
+    ``finetuned + lora:<file>@<weight>`` adds ``unet: models/unet`` and ``weight: <weight>``."""
 
     name: str
     base: str
     unet: Path | None = None  # a diffusers U-Net folder that replaces the base's U-Net
     single_file_config: str | None = None  # single file only: a diffusers folder or hub id with its configs
+    loras: list[LoraWeight] = field(default_factory=list)  # merged into the U-Net, in order
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,7 @@ class SampleParams:
     models: Annotated[list[SampledModel], NotEmpty()]
     prompts: Path = Path("data/prompts/posters.csv")
     negative_presets: Path = Path("data/prompts/negative_presets.yaml")
+    lora_dir: Path = Path("models/lora")  # the LoRA files models name, tracked by dvc.yaml as a dependency
     # empty: every prompt in the file
     prompt_ids: list[str] = field(
         default_factory=lambda: ["pet_bag", "skincare_essence", "space_thriller", "mecha_anime"]
@@ -56,6 +69,9 @@ class SampleParams:
                 raise Invalid(f"models[{i}].name", f"{model.name!r} must be lower-case letters, digits, _ or -")
             if model.name in names[:i]:
                 raise Invalid(f"models[{i}].name", f"{model.name!r} is used twice")
+            for j, lora in enumerate(model.loras):
+                if lora.path.suffix != ".safetensors":
+                    raise Invalid(f"models[{i}].loras[{j}].path", f"{lora.path} is not a .safetensors file")
         check_device("sample.device", self.device)
 
     @property

@@ -1,0 +1,1 @@
+"""Extract LoRAs from the fine-tuned U-Net and merge LoRA files into a U-Net."""
