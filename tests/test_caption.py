@@ -380,7 +380,7 @@ def test_run_writes_captions_exports_and_metrics(dataset, blip_dir, wd14_files):
     assert m["captioner"] == {"wd14": 3, "blip": 3, "metadata": 4}
     short_tokens = token_counts([r["caption"] for r in rows.values()])
     assert m["tokens"]["caption_max"] == max(short_tokens)
-    assert m["truncated"] == {"caption": 0, "caption_long": 0}
+    assert m["multi_chunk"] == {"caption": 0, "caption_long": 0}
     assert report.computed == {"wd14": 5, "blip": 5}
     current = json.loads((dataset.paths.cache / "current.json").read_text())
     assert set(current) == {"wd14", "blip"} and all((dataset.paths.cache / f).is_dir() for f in current.values())
@@ -410,7 +410,7 @@ def test_metadata_only_run_needs_no_images_and_reports_long_captions(dataset):
     assert out.loc["Heat", "caption_long"].startswith("Heat, Drama, Crime poster. a very long story")
     assert out.loc["Blue Sky", "caption_long"] == "Blue Sky, Drama, Romance poster."
     assert set(out["caption_source"]) == {"metadata"} and len(out) == 4
-    assert report.metrics["truncated"] == {"caption": 0, "caption_long": 1}
+    assert report.metrics["multi_chunk"] == {"caption": 0, "caption_long": 1}
     assert report.metrics["skipped"] == {"empty_metadata": 1} and report.computed == {}
     assert list(dataset.paths.export.iterdir()) == []
 

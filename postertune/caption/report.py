@@ -34,7 +34,8 @@ def caption_metrics(kept: int, captions: pd.DataFrame, results: dict[str, dict[s
             "caption_max": max(short, default=0),
             "caption_long_max": max(long, default=0),
         },
-        "truncated": {
+        # past one 75-token chunk: training encodes them in chunks up to train.max_token_length
+        "multi_chunk": {
             "caption": sum(n > CLIP_CONTEXT for n in short),
             "caption_long": sum(n > CLIP_CONTEXT for n in long),
         },

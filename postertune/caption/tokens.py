@@ -1,5 +1,5 @@
-"""Caption length in CLIP tokens: SDXL's text encoders see 77 (75 + BOS/EOS), the rest
-is cut off, so captions longer than that are counted and reported."""
+"""Caption length in CLIP tokens: one encoder pass sees 77 (75 + BOS/EOS); a longer caption
+needs more than one 75-token chunk (``models.prompts``), so such captions are counted."""
 
 from __future__ import annotations
 

@@ -6,7 +6,10 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
+from postertune.models.prompts import PromptEncoder
 
+
+@torch.no_grad()
 def render(
     pipe: StableDiffusionXLPipeline,
     prompt: str,
@@ -16,12 +19,24 @@ def render(
     guidance_scale: float,
     width: int,
     height: int,
+    max_token_length: int,
 ) -> Image.Image:
+    """The prompts are encoded here, in ``max_token_length`` chunks as training encodes captions;
+    an empty negative prompt is zeros where the model says so (SDXL base), as diffusers does."""
+    encode = PromptEncoder(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, max_token_length)
+    embeds, pooled = encode([prompt])
+    if not negative_prompt and pipe.config.force_zeros_for_empty_prompt:
+        negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    else:
+        negative, negative_pooled = encode([negative_prompt])
+    dtype = pipe.text_encoder_2.dtype
     # A CPU generator gives the same starting noise on every device.
     generator = torch.Generator("cpu").manual_seed(seed)
     result = pipe(
-        prompt=prompt,
-        negative_prompt=negative_prompt or None,
+        prompt_embeds=embeds.to(dtype),
+        pooled_prompt_embeds=pooled.to(dtype),
+        negative_prompt_embeds=negative.to(dtype),
+        negative_pooled_prompt_embeds=negative_pooled.to(dtype),
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         width=width,

@@ -60,6 +60,8 @@ class SampleParams:
     precision: Precision = "float"
     device: str = "auto"
     grid_cell_width: Annotated[int, Bounds(ge=16)] = 128
+    # prompts past 75 tokens are encoded in 75-token chunks up to this length, as training does
+    max_token_length: Literal[75, 150, 225] = 225
     output: Path = Path("data/samples")
 
     def __post_init__(self) -> None:
@@ -92,4 +94,5 @@ class SampleParams:
             width=self.width,
             height=self.height,
             precision=self.precision,
+            max_token_length=self.max_token_length,
         )

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from postertune.atomic import write_bytes
 from postertune.fingerprint import short_fingerprint
 from postertune.imagesafe import load_image
+from postertune.models.prompts import chunks_needed
 from postertune.models.render import render
 from postertune.models.tokenizer import clip_tokenizer
 from postertune.sample.grid import make_grid
@@ -90,8 +91,9 @@ def plan_jobs(
     return jobs
 
 
-def truncation_warnings(jobs: list[Job]) -> list[str]:
-    """Texts the text encoders will cut at their 77-token context (combined presets often are)."""
+def truncation_warnings(jobs: list[Job], max_token_length: int) -> list[str]:
+    """Texts longer than the encoders see, ``max_token_length`` tokens in 75-token chunks
+    (combined negative presets often are)."""
     tokenizer = clip_tokenizer()
     texts = {}
     for job in jobs:
@@ -99,12 +101,17 @@ def truncation_warnings(jobs: list[Job]) -> list[str]:
         texts.setdefault(("negative prompt", job.prompt.id), job.negative_prompt)
     warnings = []
     for (kind, prompt_id), text in texts.items():
-        count = len(tokenizer(text, verbose=False).input_ids)
-        if count > tokenizer.model_max_length:
-            warnings.append(
-                f"{kind} of {prompt_id} is {count} tokens; only the first {tokenizer.model_max_length} count"
-            )
+        count = len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
+        if count > max_token_length:
+            warnings.append(f"{kind} of {prompt_id} is {count} tokens; only the first {max_token_length} count")
     return warnings
+
+
+def multi_chunk_prompts(jobs: list[Job]) -> int:
+    """Distinct prompts and negative prompts longer than one 75-token chunk."""
+    tokenizer = clip_tokenizer()
+    texts = {text for job in jobs for text in (job.prompt.prompt, job.negative_prompt)}
+    return sum(chunks_needed(tokenizer, text) > 1 for text in texts)
 
 
 def _png(image: Image.Image, job: Job) -> bytes:
@@ -127,6 +134,7 @@ def render_one(pipe: StableDiffusionXLPipeline, job: Job, params: SampleParams) 
         params.guidance_scale,
         params.width,
         params.height,
+        params.max_token_length,
     )
 
 

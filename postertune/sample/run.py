@@ -8,7 +8,14 @@ from pathlib import Path
 from postertune.sample.models import check_models, fingerprints
 from postertune.sample.params import SampleParams
 from postertune.sample.prompts import check_preset_names, load_presets, load_prompts, select_prompts
-from postertune.sample.render import RenderResult, plan_jobs, render_jobs, truncation_warnings, write_grids
+from postertune.sample.render import (
+    RenderResult,
+    multi_chunk_prompts,
+    plan_jobs,
+    render_jobs,
+    truncation_warnings,
+    write_grids,
+)
 
 
 @dataclass(frozen=True)
@@ -17,6 +24,7 @@ class SampleReport:
     result: RenderResult
     grids: list[Path]
     warnings: list[str]
+    multi_chunk_prompts: int  # distinct prompts and negative prompts past one 75-token chunk
 
 
 def run(params: SampleParams) -> dict:
@@ -28,6 +36,7 @@ def run(params: SampleParams) -> dict:
     print(f"sample: {result.rendered} rendered, {result.reused} reused, {len(report.grids)} grids in {params.output}")
     return {
         "images": report.images,
+        "multi_chunk_prompts": report.multi_chunk_prompts,
         "rendered": result.rendered,
         "reused": result.reused,
         "render_seconds": round(result.seconds, 1),
@@ -42,6 +51,6 @@ def sample(params: SampleParams) -> SampleReport:
     prompts = select_prompts(load_prompts(params.prompts, presets), params.prompt_ids, "param sample.prompt_ids")
 
     jobs = plan_jobs(params, fingerprints(params.models), prompts, presets)
-    warnings = truncation_warnings(jobs)
+    warnings = truncation_warnings(jobs, params.max_token_length)
     result = render_jobs(jobs, params)
-    return SampleReport(len(jobs), result, write_grids(jobs, params), warnings)
+    return SampleReport(len(jobs), result, write_grids(jobs, params), warnings, multi_chunk_prompts(jobs))

@@ -106,6 +106,8 @@ class TrainParams:
     keep_tokens: Annotated[int, NonNegative] = 1
     caption_dropout_rate: Annotated[float, Fraction] = 0.1
     long_caption_ratio: Annotated[float, Fraction] = 0.5
+    # captions past 75 tokens are encoded in 75-token chunks up to this length (kohya-ss, A1111)
+    max_token_length: Literal[75, 150, 225] = 225
     # optimisation
     seed: int = 42
     batch_size: Annotated[int, AtLeastOne] = 4  # per process

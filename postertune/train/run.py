@@ -240,6 +240,7 @@ def sample_spec(params: TrainParams) -> SampleSpec:
         params.samples.guidance_scale,
         size.width,
         size.height,
+        params.max_token_length,
     )
 
 

@@ -20,6 +20,7 @@ class SampleSpec:
     guidance_scale: float
     width: int
     height: int
+    max_token_length: int
 
 
 @torch.no_grad()
@@ -38,5 +39,6 @@ def sample_images(components: SDXLComponents, unet, spec: SampleSpec) -> dict[st
             spec.guidance_scale,
             spec.width,
             spec.height,
+            spec.max_token_length,
         )
     return images

@@ -10,6 +10,7 @@ from accelerate.utils import DistributedType
 
 from postertune.models.loading import SDXLComponents
 from postertune.models.precision import compute_dtype
+from postertune.models.prompts import PromptEncoder
 from postertune.models.sources import validate_model_source
 from postertune.params import ParamError
 from postertune.store import ShardStore
@@ -17,7 +18,7 @@ from postertune.train.captions import CaptionPolicy
 from postertune.train.data import Example, plan_entries, read_examples, split_validation
 from postertune.train.latent_cache import LatentCache, LatentEntry, vae_cache_id
 from postertune.train.params import TrainParams, check_runtime
-from postertune.train.text import PromptEncoder, TextCache
+from postertune.train.text import TextCache
 
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
@@ -114,7 +115,11 @@ def fill_caches(
             entries[share], store, components.vae, params.batch_size, params.max_image_pixels, show, params.background
         )
     encode = PromptEncoder(
-        components.tokenizer, components.tokenizer_2, components.text_encoder, components.text_encoder_2
+        components.tokenizer,
+        components.tokenizer_2,
+        components.text_encoder,
+        components.text_encoder_2,
+        params.max_token_length,
     )
     policy = CaptionPolicy.from_params(params)
     texts = None

@@ -1,15 +1,12 @@
-"""SDXL prompt encoding, and a disk cache of it for runs whose captions never change.
+"""A disk cache of caption encodings (``models.prompts``) for runs whose captions never change.
 
-SDXL conditions on the penultimate hidden states of both CLIP text encoders,
-concatenated (768 + 1280 = 2048 wide for the real model), and on the pooled,
-projected output of the second. When caption augmentation is on, captions differ
-from step to step and are encoded on the fly; otherwise each is encoded once.
+When caption augmentation is on, captions differ from step to step and are encoded on
+the fly; otherwise each is encoded once.
 """
 
 from __future__ import annotations
 
 import hashlib
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -17,33 +14,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from postertune.atomic import atomic_path
-from postertune.fingerprint import fingerprint_module
-
-
-class PromptEncoder:
-    def __init__(self, tokenizer, tokenizer_2, text_encoder, text_encoder_2):
-        self.pairs = [(tokenizer, text_encoder), (tokenizer_2, text_encoder_2)]
-
-    @torch.no_grad()
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds [B, 77, D1 + D2], pooled_prompt_embeds [B, P])."""
-        hidden = []
-        for tokenizer, encoder in self.pairs:
-            ids = tokenizer(
-                captions,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            out = encoder(ids.to(encoder.device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-        return torch.cat(hidden, dim=-1), out.text_embeds
-
-    @cached_property
-    def cache_id(self) -> str:
-        (tok1, enc1), (tok2, enc2) = self.pairs
-        return fingerprint_module(enc2, fingerprint_module(enc1), tok1.pad_token, tok2.pad_token, len(tok1))[:16]
+from postertune.models.prompts import PromptEncoder
 
 
 class TextCache:

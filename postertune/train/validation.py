@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
+from postertune.models.prompts import PromptEncoder
 from postertune.train.captions import CaptionPolicy
 from postertune.train.data import Example, derive_seed
 from postertune.train.latent_cache import LatentCache, LatentEntry
 from postertune.train.step import denoise, to_device
-from postertune.train.text import PromptEncoder
 
 VALIDATION_STREAM = 1  # keeps validation noise apart from the training draws of the same seed
 
