@@ -63,6 +63,26 @@ def test_repro_writes_every_stage_metrics_and_second_repro_does_nothing(reproduc
     assert "Data and pipelines are up to date" in status.stdout
 
 
+def test_two_runs_of_the_same_code_and_data_write_identical_outputs(reproduced, tmp_path):
+    """Byte for byte, models, shards and tables included, so DVC sees no change where nothing
+    changed; only the run reports (metrics and logs, which hold timings) may differ."""
+    again = PipelineRepo.copy_of_project(tmp_path / "again")
+    again.dvc("repro")
+
+    def outputs(repo: PipelineRepo) -> dict[str, str]:
+        lock = yaml.safe_load((repo.root / "dvc.lock").read_text())
+        return {
+            out["path"]: out["md5"]
+            for stage in lock["stages"].values()
+            for out in stage.get("outs", [])
+            if not out["path"].startswith(("metrics/", "dvclive/"))
+        }
+
+    first, second = outputs(reproduced), outputs(again)
+    assert len(first) > 15
+    assert {path for path in first if first[path] != second.get(path)} == set()
+
+
 def test_push_to_s3_then_fresh_clone_pulls_clean(reproduced, tmp_path):
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
