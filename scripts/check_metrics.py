@@ -115,7 +115,9 @@ def problems(diff: dict[str, dict[str, dict[str, Any]]], rev: str = "HEAD") -> l
 
 
 def metrics_diff(rev: str) -> dict[str, dict[str, dict[str, Any]]]:
-    proc = subprocess.run([sys.executable, "-m", "dvc", "metrics", "diff", rev, "--json", "--all"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "metrics", "diff", rev, "--json", "--all"], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()] or [f"exit status {proc.returncode}"]
         raise ValueError(f"dvc metrics diff {rev} failed: {lines[-1].strip()}")

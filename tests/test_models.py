@@ -95,7 +95,7 @@ def base_dir(store) -> Path:
 @pytest.fixture(scope="module")
 def tiny(store) -> StableDiffusionXLPipeline:
     """The reference: the tiny model of seed 0, built directly."""
-    return build_tiny_pipeline(seed=0, tokenizer_dir=store / "tokenizers")
+    return build_tiny_pipeline(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -302,22 +302,21 @@ def test_single_file_round_trips_through_diffusers(tmp_path, tiny, base_dir, pre
 PROJECT = Path(__file__).resolve().parents[1]
 SAVE_IN_A_FRESH_PROCESS = """
 import sys
-from pathlib import Path
 from postertune.models.single_file import save_single_file
 from postertune.models.tiny import build_tiny_pipeline
-pipe = build_tiny_pipeline(seed=0, tokenizer_dir=Path(sys.argv[2]))
+pipe = build_tiny_pipeline(seed=0)
 save_single_file(sys.argv[1], pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, "fp16")
 """
 
 
-def test_single_file_bytes_are_the_same_in_every_process(tmp_path, store):
+def test_single_file_bytes_are_the_same_in_every_process(tmp_path):
     """Two identical runs write identical bytes (its header metadata in sorted order), so DVC
     sees no change; processes differ in their string hashing, which once reordered it."""
     written = []
     for seed in ("1", "2"):
         out = tmp_path / f"sdxl-{seed}.safetensors"
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(PROJECT), "HF_HUB_OFFLINE": "1"}
-        command = [sys.executable, "-c", SAVE_IN_A_FRESH_PROCESS, str(out), str(store / "tokenizers")]
+        command = [sys.executable, "-c", SAVE_IN_A_FRESH_PROCESS, str(out)]
         subprocess.run(command, env=env, check=True, capture_output=True)
         written.append(out.read_bytes())
     assert written[0] == written[1]

@@ -26,7 +26,7 @@ def long_text(tokens: int) -> str:
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    pipeline = build_tiny_pipeline(seed=0, tokenizer_dir=tmp_path_factory.mktemp("tokenizers"))
+    pipeline = build_tiny_pipeline(seed=0)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

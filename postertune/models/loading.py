@@ -224,8 +224,7 @@ def read_pointer(path: Path) -> ModelSource:
 
 
 def _tiny_pipeline(seed: int) -> StableDiffusionXLPipeline:
-    with tempfile.TemporaryDirectory() as tokenizer_dir:
-        return build_tiny_pipeline(seed, tokenizer_dir=Path(tokenizer_dir))
+    return build_tiny_pipeline(seed)
 
 
 def _check_source(source: ModelSource) -> SourceKind:

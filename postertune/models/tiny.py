@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from postertune.models.tokenizer import write_clip_tokenizer
+from postertune.models.tokenizer import clip_tokenizer
 
 # Hidden sizes of the two text encoders; the U-Net sees their sum. They differ, as in SDXL
 # (768 and 1280): diffusers' single-file loader tells the encoders apart by width.
@@ -89,26 +89,21 @@ def tiny_text_config(hidden_act: str, width: int) -> CLIPTextConfig:
     )
 
 
-def build_tiny_pipeline(seed: int = 0, tokenizer_dir: Path | None = None) -> StableDiffusionXLPipeline:
-    """Every SDXL component, tiny and randomly initialised from ``seed``."""
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """Every SDXL component, tiny and randomly initialised from ``seed``; the real CLIP tokenizers
+    (built once per process: they are read-only and the slowest part to build)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config())
     vae = AutoencoderKL(**tiny_vae_config())
     # SDXL: CLIP ViT-L uses quick_gelu, OpenCLIP bigG uses gelu and has a projection.
     text_encoder = CLIPTextModel(tiny_text_config("quick_gelu", TEXT_WIDTH))
     text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config("gelu", TEXT_WIDTH_2))
-    if tokenizer_dir is None:
-        import tempfile
-
-        tokenizer_dir = Path(tempfile.mkdtemp(prefix="clip-tokenizer-"))
-    write_clip_tokenizer(tokenizer_dir / "tokenizer", pad_token="<|endoftext|>")
-    write_clip_tokenizer(tokenizer_dir / "tokenizer_2", pad_token="!")
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer"),
-        tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer_2"),
+        tokenizer=clip_tokenizer("<|endoftext|>"),
+        tokenizer_2=clip_tokenizer("!"),
         unet=unet,
         scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
     )
@@ -117,6 +112,6 @@ def build_tiny_pipeline(seed: int = 0, tokenizer_dir: Path | None = None) -> Sta
 def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     """Write the tiny model as a diffusers folder, loadable like the real base model."""
     folder = Path(folder)
-    pipe = build_tiny_pipeline(seed, tokenizer_dir=folder)
+    pipe = build_tiny_pipeline(seed)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -62,7 +62,7 @@ def write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None
 
 @lru_cache(maxsize=2)
 def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """An in-memory CLIP tokenizer (for counting tokens; no model attached)."""
+    """The in-memory CLIP tokenizer, one per pad token and process (read-only: share it)."""
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer(Path(tmp), pad_token)
         return CLIPTokenizer.from_pretrained(tmp)
