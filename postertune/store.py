@@ -97,9 +97,11 @@ class ShardStore:
 
 class ShardWriter:
     """Append images to the store. The writer alone decides when a shard closes: after
-    ``max_images`` images, ``max_bytes`` bytes or ``max_seconds`` seconds, whichever comes
-    first (the age is checked on every ``add`` and on ``close_if_old``, which a caller may
-    call on a timer), so a killed run loses at most one open shard's worth of work.
+    ``max_images`` images or ``max_bytes`` bytes, and, when ``max_seconds`` is set, after that
+    many seconds (the age is checked on every ``add`` and on ``close_if_old``, which a caller
+    may call on a timer), whichever comes first, so a killed run loses at most one open
+    shard's worth of work. Without an age limit the layout follows from the order of ``add``
+    calls alone: the same images added in the same order give byte-identical shards.
 
     ``before_publish`` runs once a closing shard is complete on disk and before it is
     renamed into place: a caller records what the shard holds there, so a published shard
@@ -111,7 +113,7 @@ class ShardWriter:
         root: Path | str,
         max_images: int = 4096,
         max_bytes: int = 1 << 30,
-        max_seconds: float = 30.0,
+        max_seconds: float | None = None,
         before_publish: Callable[[], None] | None = None,
     ):
         self.root = Path(root)
@@ -149,16 +151,15 @@ class ShardWriter:
         self.written.add(sha)
         self._count += 1
         self._bytes += len(data)
-        if (
-            self._count >= self.max_images
-            or self._bytes >= self.max_bytes
-            or time.monotonic() - self._opened >= self.max_seconds
-        ):
+        if self._count >= self.max_images or self._bytes >= self.max_bytes or self._is_old():
             self.flush()
+
+    def _is_old(self) -> bool:
+        return self.max_seconds is not None and time.monotonic() - self._opened >= self.max_seconds
 
     def close_if_old(self) -> None:
         """Close the open shard if it has been open ``max_seconds`` or longer."""
-        if self._tar is not None and time.monotonic() - self._opened >= self.max_seconds:
+        if self._tar is not None and self._is_old():
             self.flush()
 
     def flush(self) -> None:

@@ -16,7 +16,6 @@ import pytest
 import yaml
 from moto.server import ThreadedMotoServer
 
-from postertune.store import ShardStore, sha256_hex
 from tests.pipeline_repo import PipelineRepo, tool_env
 
 pytestmark = pytest.mark.slow
@@ -65,10 +64,8 @@ def test_repro_writes_every_stage_metrics_and_second_repro_does_nothing(reproduc
 
 
 def test_two_runs_of_the_same_code_and_data_write_identical_outputs(reproduced, tmp_path):
-    """Byte for byte, models and tables included, so DVC sees no change where nothing changed.
-    The run reports (metrics and logs, which hold timings) may differ, and so may the fetch
-    shards' layout: concurrent downloads finish in any order, and that order decides which shard
-    holds an image and where; the images they hold must be the same."""
+    """Byte for byte, shards, models and tables included, so DVC sees no change where nothing
+    changed. Only the run reports (metrics and logs, which hold timings) may differ."""
     again = PipelineRepo.copy_of_project(tmp_path / "again")
     again.dvc("repro")
 
@@ -78,19 +75,12 @@ def test_two_runs_of_the_same_code_and_data_write_identical_outputs(reproduced, 
             out["path"]: out["md5"]
             for stage in lock["stages"].values()
             for out in stage.get("outs", [])
-            if not out["path"].startswith(("metrics/", "dvclive/", "data/raw/shards"))
+            if not out["path"].startswith(("metrics/", "dvclive/"))
         }
 
     first, second = outputs(reproduced), outputs(again)
-    assert len(first) > 15
+    assert len(first) > 15 and "data/raw/shards" in first
     assert {path for path in first if first[path] != second.get(path)} == set()
-
-    def images(repo: PipelineRepo) -> dict[str, str]:
-        with ShardStore(repo.root / "data/raw/shards") as store:
-            return {sha: sha256_hex(store.read(sha)) for sha in store.index}
-
-    stored = images(reproduced)
-    assert stored and stored == images(again) and all(sha == digest for sha, digest in stored.items())
 
 
 def test_push_to_s3_then_fresh_clone_pulls_clean(reproduced, tmp_path):

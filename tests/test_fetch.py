@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import io
 import ipaddress
 import json
@@ -34,6 +35,7 @@ from cryptography.x509.oid import NameOID
 from PIL import Image
 
 from postertune.errors import PipelineError
+from postertune.fetch import engine
 from postertune.fetch.http import retry_after_seconds
 from postertune.fetch.params import FetchParams, SourceParams
 from postertune.fetch.run import run
@@ -449,6 +451,25 @@ def test_rerun_fetches_nothing_already_stored(tmp_path):
         third_table, _ = fetch(tmp_path, raw)
     pd.testing.assert_frame_equal(first_table, third_table)
     assert dict(server.counts) == {"/p4.jpg": 1, "/p5.jpg": 1, "/gone.jpg": 1}
+
+
+@pytest.mark.parametrize("reorder_bytes", [None, 1], ids=["buffered", "workers-wait"])
+def test_shards_follow_the_source_order_whatever_order_downloads_finish_in(tmp_path, monkeypatch, reorder_bytes):
+    if reorder_bytes is not None:  # every download that finishes early waits for the earlier ones
+        monkeypatch.setattr(engine, "REORDER_MAX_BYTES", reorder_bytes)
+    images = {f"/p{i}.jpg": poster(i) for i in range(10)}
+    # earlier rows answer later: with 10 connections the downloads finish in reverse order
+    routes = {p: image(data, delay=0.03 * (10 - i)) for i, (p, data) in enumerate(images.items())}
+    with FaultServer(routes) as server:
+        raw = table_params(url_table(tmp_path / "urls.csv", [server.url + p for p in images]), max_connections=10)
+        fetch(tmp_path / "a", raw)
+        fetch(tmp_path / "b", raw)
+    first = sorted((tmp_path / "a" / "shards").glob("shard-*.tar"))
+    second = sorted((tmp_path / "b" / "shards").glob("shard-*.tar"))
+    assert [p.name for p in first] == [p.name for p in second] and len(first) == 3  # 4 images a shard
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second, strict=True))
+    stored = [member.name for shard in first for member in tarfile.open(shard)]
+    assert stored == [hashlib.sha256(data).hexdigest() for data in images.values()]
 
 
 @pytest.mark.slow

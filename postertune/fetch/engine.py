@@ -9,6 +9,7 @@ never stalls the event loop, and only images that decode are stored, named by sh
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,6 +28,9 @@ from postertune.imagesafe import ImageRejected, inspect_image
 from postertune.store import ShardWriter, sha256_hex
 
 PUBLISH_CHECK_S = 1.0
+# Verified images that wait for an earlier, slower one before they can be stored; past this
+# many bytes the workers that finished early wait instead of fetching more.
+REORDER_MAX_BYTES = 256 << 20
 Job = tuple[str, LocalTarget | None]  # a URL, and the local file behind it (None for the web)
 
 
@@ -68,6 +72,9 @@ def verify(payload: Payload, max_pixels: int) -> Outcome:
 class ShardPublisher:
     """Hands images to the shard writer, which decides when a shard closes; journals them.
 
+    Images are stored in the order their jobs were queued, whatever order their downloads
+    finish in, so identical runs write identical shards.
+
     The writer calls back before it renames a closed shard into place, and the journal
     segment of the images it holds is written then, so a published shard is always
     covered by the journal, whatever moment the process is killed at.
@@ -84,12 +91,31 @@ class ShardPublisher:
         self.writer.written.update(stored)
         self.journal = Journal(root)
         self.pending: list[StoredImage] = []
+        self.waiting: dict[int, tuple[StoredImage, bytes] | None] = {}
+        self.waiting_bytes = 0
+        self.next_position = 0
+        self.drained = asyncio.Condition()
 
     def _journal_pending(self) -> None:
         self.journal.append(self.pending)
         self.pending = []
 
-    def add(self, image: StoredImage, data: bytes) -> None:
+    async def add(self, position: int, image: StoredImage | None, data: bytes | None) -> None:
+        """Store the image of the job queued at ``position`` (``None``: it has none) once every
+        earlier job has been stored; wait while too many bytes wait for an earlier job."""
+        self.waiting[position] = None if image is None or data is None else (image, data)
+        self.waiting_bytes += 0 if data is None or image is None else len(data)
+        while self.next_position in self.waiting:
+            entry = self.waiting.pop(self.next_position)
+            self.next_position += 1
+            if entry is not None:
+                self.waiting_bytes -= len(entry[1])
+                self._store(*entry)
+        async with self.drained:
+            self.drained.notify_all()
+            await self.drained.wait_for(lambda: self.waiting_bytes <= REORDER_MAX_BYTES)
+
+    def _store(self, image: StoredImage, data: bytes) -> None:
         self.pending.append(image)
         self.writer.add(image.sha256, data)  # a copy of a stored image is only journalled
 
@@ -111,8 +137,9 @@ async def fetch_all(
     Whatever goes wrong with one URL becomes that URL's reason: the run always finishes.
     """
     loop = asyncio.get_running_loop()
-    # a job is a URL with the local file behind it (None for the web), or bytes read already
-    queue: asyncio.Queue[Job | Payload | None] = asyncio.Queue(maxsize=2 * params.max_connections)
+    # a job is a URL with the local file behind it (None for the web), or bytes read already,
+    # with its position in the queue
+    queue: asyncio.Queue[tuple[int, Job | Payload] | None] = asyncio.Queue(maxsize=2 * params.max_connections)
     archives: dict[LocalTarget, dict[str, str]] = defaultdict(dict)
     direct: list[Job] = []
     for url, target in jobs:
@@ -124,7 +151,7 @@ async def fetch_all(
     with ThreadPoolExecutor(params.decode_workers, thread_name_prefix="decode") as decoders:
         async with HttpClient(params) as http:
 
-            async def get(job: Job | Payload) -> Outcome:
+            async def get(job: Job | Payload) -> tuple[Outcome, bytes | None]:
                 url = job.url if isinstance(job, Payload) else job[0]
                 try:
                     if isinstance(job, Payload):
@@ -135,20 +162,22 @@ async def fetch_all(
                         payload = await asyncio.to_thread(read_file, url, job[1], params.max_bytes)
                     outcome = await loop.run_in_executor(decoders, verify, payload, params.max_pixels)
                 except Exception as exc:  # noqa: BLE001 - one bad URL costs its row, never the run
-                    return Outcome(url, reason=f"error: {type(exc).__name__}")
-                if outcome.image is not None and payload.data is not None:
-                    publisher.add(outcome.image, payload.data)
-                return outcome
+                    return Outcome(url, reason=f"error: {type(exc).__name__}"), None
+                return outcome, payload.data
 
             async def worker() -> None:
-                while (job := await queue.get()) is not None:
-                    on_outcome(await get(job))
+                while (item := await queue.get()) is not None:
+                    position, job = item
+                    outcome, data = await get(job)
+                    on_outcome(outcome)
+                    await publisher.add(position, outcome.image, data)
 
             seen: set[str] = set()
+            positions = itertools.count()
 
             async def feed() -> None:
                 for job in direct:
-                    await queue.put(job)
+                    await queue.put((next(positions), job))
                 for target, members in archives.items():
                     payloads = read_archive(target, members, params.max_bytes)
                     while True:
@@ -158,12 +187,13 @@ async def fetch_all(
                             done = {u for u in members.values() if u in seen}
                             for url in members.values():
                                 if url not in done:
-                                    await queue.put(Payload(url, reason=f"error: {type(exc).__name__}"))
+                                    error = Payload(url, reason=f"error: {type(exc).__name__}")
+                                    await queue.put((next(positions), error))
                             break
                         if payload is None:
                             break
                         seen.add(payload.url)
-                        await queue.put(payload)
+                        await queue.put((next(positions), payload))
                 for _ in range(params.max_connections):
                     await queue.put(None)
 
