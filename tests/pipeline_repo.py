@@ -155,6 +155,20 @@ class PipelineRepo:
     def dvc(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return self.run("dvc", *args, **kw)
 
+    def start_dvc(self, *args: str) -> subprocess.Popen:
+        """``dvc *args`` in the background; ``finish`` waits for it."""
+        return subprocess.Popen(
+            ["dvc", *args], cwd=self.root, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    @staticmethod
+    def finish(proc: subprocess.Popen, timeout: float = 900) -> None:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(proc.args)} failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-4000:]}"
+            )
+
     def commit_all(self, message: str) -> None:
         self.run("git", "add", "-A")
         self.run("git", "commit", "-qm", message)

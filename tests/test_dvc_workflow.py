@@ -1,13 +1,17 @@
-"""The DVC workflow end to end on the demo profile: repro, S3 remote, experiments, PR report.
+"""The DVC workflow end to end on the demo profile: repro, plots, resume, S3 remote,
+experiments, PR report.
 
 One reproduced copy of the project is shared by the tests of this module; each test that
-changes things works in its own git clone that borrows the reproduced copy's DVC cache.
+changes things works in its own git clone that borrows the reproduced copy's DVC cache. A
+second copy reproduces at the same time, for the byte-identity test: each runs on one thread.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,15 +24,25 @@ from tests.pipeline_repo import PipelineRepo, tool_env
 
 pytestmark = pytest.mark.slow
 
-LR_KEY = "train.learning_rate"
-STEPS_KEY = "train.max_train_steps"
+GUIDANCE_KEY = "sample.guidance_scale"
+STEPS_KEY = "sample.steps"
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory) -> PipelineRepo:
+def second_run(tmp_path_factory) -> tuple[PipelineRepo, subprocess.Popen]:
+    repo = PipelineRepo.copy_of_project(tmp_path_factory.mktemp("again"))
+    repo.env = tool_env(**ONE_THREAD)
+    return repo, repo.start_dvc("repro")
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory, second_run) -> PipelineRepo:
     repo = PipelineRepo.copy_of_project(tmp_path_factory.mktemp("pipeline"))
+    repo.env = tool_env(**ONE_THREAD)
     repo.dvc("repro")
     repo.commit_all("reproduce the demo pipeline")
+    repo.env = tool_env()
     return repo
 
 
@@ -63,11 +77,39 @@ def test_repro_writes_every_stage_metrics_and_second_repro_does_nothing(reproduc
     assert "Data and pipelines are up to date" in status.stdout
 
 
-def test_two_runs_of_the_same_code_and_data_write_identical_outputs(reproduced, tmp_path):
+def test_demo_trains_the_configured_steps_and_plots_show_the_loss_curve(reproduced):
+    metrics = json.loads((reproduced.root / "metrics/train.json").read_text())
+    params = yaml.safe_load((reproduced.root / "params.yaml").read_text())["train"]
+    assert metrics["steps"] == params["max_train_steps"]
+    assert metrics["images_seen"] == params["max_train_steps"] * params["batch_size"]
+    shown = reproduced.dvc("plots", "show", "--json").stdout
+    for plot in ("metrics/train/loss.tsv", "metrics/val/loss.tsv", "images/prompt-0"):
+        assert f"dvclive/train/plots/{plot}" in shown, plot
+    rows = (reproduced.root / "dvclive/train/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert len(rows) == 1 + params["max_train_steps"]
+
+
+def test_longer_run_resumes_from_the_persisted_checkpoint(reproduced, tmp_path):
+    repo = clone_with_shared_cache(reproduced, tmp_path / "repo")
+    shutil.copytree(reproduced.root / "models/checkpoints", repo.root / "models/checkpoints")  # workspace state
+    params_file = repo.root / "params.yaml"
+    steps = yaml.safe_load(params_file.read_text())["train"]["max_train_steps"] + 4
+    params_file.write_text(
+        params_file.read_text().replace(f"max_train_steps: {steps - 4}", f"max_train_steps: {steps}")
+    )
+    out = repo.dvc("repro", "--single-item", "train")
+    assert "resuming from" in out.stderr + out.stdout
+    rows = (repo.root / "dvclive/train/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert len(rows) == 1 + steps and rows[-1].split("\t")[0] == str(steps)
+    metrics = json.loads((repo.root / "metrics/train.json").read_text())
+    assert metrics["steps"] == steps
+
+
+def test_two_runs_of_the_same_code_and_data_write_identical_outputs(reproduced, second_run):
     """Byte for byte, shards, models and tables included, so DVC sees no change where nothing
     changed. Only the run reports (metrics and logs, which hold timings) may differ."""
-    again = PipelineRepo.copy_of_project(tmp_path / "again")
-    again.dvc("repro")
+    again, proc = second_run
+    again.finish(proc)
 
     def outputs(repo: PipelineRepo) -> dict[str, str]:
         lock = yaml.safe_load((repo.root / "dvc.lock").read_text())
@@ -117,10 +159,10 @@ def test_push_to_s3_then_fresh_clone_pulls_clean(reproduced, tmp_path):
 
 @pytest.fixture(scope="module")
 def experiments(reproduced, tmp_path_factory) -> PipelineRepo:
-    """An experiment queued and run by the queue (in a copy of its own), in a clone."""
+    """An experiment queued and run by the queue (in a copy of its own), in a clone: a sampler
+    setting, so that only the sample and evaluate stages run again."""
     repo = clone_with_shared_cache(reproduced, tmp_path_factory.mktemp("experiments") / "repo")
-    short = f"{STEPS_KEY}=12"  # a full train/lora/sample/evaluate run: keep it short
-    repo.dvc("exp", "run", "--queue", "-n", "lr-high", "-S", f"{LR_KEY}=0.001", "-S", short)
+    repo.dvc("exp", "run", "--queue", "-n", "guidance-high", "-S", f"{GUIDANCE_KEY}=9.0", "-S", f"{STEPS_KEY}=3")
     repo.dvc("queue", "start", "-j", "1")
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -130,7 +172,7 @@ def experiments(reproduced, tmp_path_factory) -> PipelineRepo:
         time.sleep(5)
     else:
         pytest.fail(f"queued experiments did not finish:\n{status}")
-    assert "Failed" not in status, repo.dvc("queue", "logs", "lr-high", check=False).stdout
+    assert "Failed" not in status, repo.dvc("queue", "logs", "guidance-high", check=False).stdout
     return repo
 
 
@@ -139,28 +181,28 @@ def test_queued_experiment_shows_its_params_and_metric_diffs(experiments):
     repo = experiments
     shown = json.loads(repo.dvc("exp", "show", "--json").stdout)
     names = {exp.get("name") for rev in shown for exp in (rev.get("experiments") or [])}
-    assert "lr-high" in names, names
+    assert "guidance-high" in names, names
 
-    diff = json.loads(repo.dvc("metrics", "diff", "HEAD", "lr-high", "--json").stdout)
+    diff = json.loads(repo.dvc("metrics", "diff", "HEAD", "guidance-high", "--json").stdout)
     evaluate = diff.get("metrics/evaluate.json", {})
     assert evaluate, diff
     assert any(v.get("diff") not in (0, None) for v in evaluate.values()), evaluate
-    params = json.loads(repo.dvc("params", "diff", "HEAD", "lr-high", "--json").stdout)["params.yaml"]
-    assert params[LR_KEY]["new"] == 0.001 and params[STEPS_KEY]["new"] == 12
-    assert "lr-high" in repo.dvc("exp", "show", "--md").stdout
+    params = json.loads(repo.dvc("params", "diff", "HEAD", "guidance-high", "--json").stdout)["params.yaml"]
+    assert params[GUIDANCE_KEY]["new"] == 9.0 and params[STEPS_KEY]["new"] == 3
+    assert "guidance-high" in repo.dvc("exp", "show", "--md").stdout
 
 
 @pytest.mark.timeout(1200)
 def test_pr_report_against_base_commit(experiments):
     repo = experiments
     base = repo.run("git", "rev-parse", "HEAD").stdout.strip()
-    repo.dvc("exp", "apply", "lr-high")
-    repo.commit_all("raise the learning rate")
+    repo.dvc("exp", "apply", "guidance-high")
+    repo.commit_all("raise the guidance scale")
 
     repo.run("bash", "scripts/pr_report.sh", base, "pr-report")
     report = (repo.root / "pr-report" / "report.md").read_text()
     assert "## Metrics" in report and "metrics/evaluate.json" in report
-    assert LR_KEY.split(".")[-1] in report
+    assert GUIDANCE_KEY.split(".")[-1] in report
     grids = list((repo.root / "pr-report" / "grids").glob("*.png"))
     assert grids and all(f"grids/{g.name}" in report for g in grids)
     specs = list((repo.root / "pr-report" / "vega").glob("*.json"))

@@ -55,7 +55,7 @@ def contact_sheet(
             image = load_image(store.read(row["sha256"]), draft=(cell_w, cell_h), background=background)
             image.thumbnail((cell_w - 4, cell_h - 4))
             sheet.paste(image, (x + (cell_w - image.width) // 2, y + (cell_h - image.height) // 2))
-        except (ImageRejected, Exception):  # noqa: BLE001 - a sheet shows what it can
+        except ImageRejected:  # a sheet shows what it can
             draw.rectangle((x + 2, y + 2, x + cell_w - 3, y + cell_h - 3), outline=DROPPED)
         colour = KEPT if row["kept"] else DROPPED
         for j, text in enumerate(_label(row)):
