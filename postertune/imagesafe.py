@@ -4,7 +4,7 @@ Rejections carry a short reason code that lands in the image table and the metri
 
 Every decoded image comes out as 8-bit RGB as the poster shows it: turned upright by its
 EXIF orientation (so a portrait stored as 800x600 with Orientation 6 is 600x800 here, and
-in the size ``inspect_image`` records), a 16-bit image is scaled (never clipped) to 8
+in the size the fetch stage records), a 16-bit image is scaled (never clipped) to 8
 bits, transparency is composited onto a background colour (white unless a caller says
 otherwise) instead of exposing the RGB hidden under it, a palette is expanded with its
 transparency, and CMYK is converted through its embedded ICC profile when it has one.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
@@ -36,7 +35,7 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_SWAPS_SIDES = {5, 6, 7, 8}
+SWAPS_SIDES = {5, 6, 7, 8}
 
 
 class ImageRejected(Exception):
@@ -45,15 +44,8 @@ class ImageRejected(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class ImageInfo:
-    width: int
-    height: int
-    format: str
-    dpi: float | None
-
-
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Parse the header of ``data`` (nothing decoded yet); refuse empty, unknown and oversized images."""
     if not data:
         raise ImageRejected("empty")
     try:
@@ -73,7 +65,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def _dpi(img: Image.Image) -> float | None:
+def dpi_of(img: Image.Image) -> float | None:
     dpi = img.info.get("dpi")
     if not dpi:
         return None
@@ -93,10 +85,10 @@ def load_image(
     """Fully decode ``data`` to upright RGB. ``draft`` lets JPEG decode at a reduced scale
     (DCT scaling): still reads every byte of the stream, so truncation is caught.
     Transparent pixels are composited onto ``background``."""
-    return _decode(_open(data, max_pixels), draft, background)[0]
+    return decode(open_image(data, max_pixels), draft, background)[0]
 
 
-def _decode(
+def decode(
     img: Image.Image, draft: tuple[int, int] | None, background: tuple[int, int, int]
 ) -> tuple[Image.Image, int]:
     """``img`` loaded, as upright RGB, and the EXIF orientation that was applied."""
@@ -171,14 +163,3 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
         except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
             pass  # a damaged profile: the plain conversion below
     return img.convert("RGB")
-
-
-def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Prove ``data`` decodes completely and read its size (as displayed: upright), format and dpi."""
-    img = _open(data, max_pixels)
-    width, height = img.size
-    fmt, dpi = str(img.format or "").upper(), _dpi(img)
-    _, orientation = _decode(img, (max(1, width // 8), max(1, height // 8)), WHITE)
-    if orientation in _SWAPS_SIDES:
-        width, height = height, width
-    return ImageInfo(width=width, height=height, format=fmt, dpi=dpi)

@@ -20,5 +20,5 @@ def read_stage_table(path: Path, required: Sequence[str], producer: str) -> pd.D
         raise PipelineError(f"{path}: not a readable Parquet table ({type(exc).__name__})") from None
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise PipelineError(f"{path}: missing column {missing[0]!r}")
+        raise PipelineError(f"{path}: missing column {missing[0]!r} (run the {producer} stage again)")
     return frame

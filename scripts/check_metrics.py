@@ -58,7 +58,6 @@ TOLERANCES: list[tuple[str, str, Tolerance, str]] = [
     ("*", "*per_s*", IGNORED, "throughput"),
     ("*", "*memory*", IGNORED, "peak memory depends on the allocator and the machine"),
     ("*fetch*", "run.*", IGNORED, "this run's own work: a rerun reuses what persisted shards hold"),
-    ("*dedupe*", "hashing.*", IGNORED, "this run's own work: a rerun reuses the persisted hash cache"),
     ("*curate*", "run.*", IGNORED, "this run's own work: a rerun reuses the persisted embedding cache"),
     ("*curate*", "*aesthetic*", Tolerance(abs=2e-4), "float32 scores of a float32 encoder"),
     ("*curate*", "*clip_similarity*", Tolerance(abs=2e-4), "float32 scores of a float32 encoder"),

@@ -1,7 +1,8 @@
 """Fetch-stage style inputs for the dedupe and filter tests: an image table and its shard store.
 
 The rows follow the fetch contract (``data/raw/images.parquet``): one per source URL, the
-image's sha256, size, format, dpi and byte count when it decodes, else status "failed".
+image's sha256, size, format, dpi, JPEG quality, pHash and byte count when it decodes, else
+status "failed".
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from postertune.imagesafe import ImageRejected, inspect_image
+from postertune.imagefacts import image_facts
+from postertune.imagesafe import ImageRejected
 from postertune.store import ShardWriter, sha256_hex
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -23,11 +25,12 @@ def fetched_row(url: str, data: bytes | None, row: int, **metadata) -> dict:
     if data is None:
         return {**base, "sha256": None, "status": "failed", "reason": "not_found"}
     try:
-        info = inspect_image(data)
+        facts = image_facts(data)
     except ImageRejected as exc:
         return {**base, "sha256": None, "status": "failed", "reason": exc.reason}
-    return {**base, "sha256": sha256_hex(data), "width": info.width, "height": info.height, "format": info.format,
-            "dpi": info.dpi, "bytes": len(data), "status": "ok", "reason": None}  # fmt: skip
+    return {**base, "sha256": sha256_hex(data), "width": facts.width, "height": facts.height, "format": facts.format,
+            "dpi": facts.dpi, "jpeg_quality": facts.jpeg_quality, "phash": facts.phash, "bytes": len(data),
+            "status": "ok", "reason": None}  # fmt: skip
 
 
 def write_raw(root: Path, images: list[tuple[str, bytes | None, dict]]) -> pd.DataFrame:
@@ -40,9 +43,9 @@ def write_raw(root: Path, images: list[tuple[str, bytes | None, dict]]) -> pd.Da
                 writer.add(row["sha256"], data)
             rows.append(row)
     columns = ["sha256", "source", "url", "row", "title", "overview", "genres", "width", "height", "format", "dpi",
-               "bytes", "status", "reason"]  # fmt: skip
+               "jpeg_quality", "phash", "bytes", "status", "reason"]  # fmt: skip
     frame = pd.DataFrame(rows).reindex(columns=columns)
-    frame["dpi"] = frame["dpi"].astype("float64")
+    frame = frame.astype({"dpi": "float64", "jpeg_quality": "Int64"})
     frame.to_parquet(root / "data" / "raw" / "images.parquet", index=False)
     return frame
 

@@ -26,13 +26,13 @@ from safetensors.torch import save_file
 import postertune.curate.scoring as curate_scoring
 import postertune.models.clip as clip_module
 from postertune.cli import run_stage
-from postertune.curate.jpeg import estimate_quality, jpeg_quality
 from postertune.curate.params import CurateParams
 from postertune.curate.run import curate, run
 from postertune.curate.select import RULES, kmeans, select
 from postertune.errors import PipelineError
 from postertune.evaluate.params import EvaluateParams
 from postertune.evaluate.run import evaluate
+from postertune.jpegquality import estimate_quality, jpeg_quality
 from postertune.models.clip import TINY_ARCHITECTURE, TINY_OVERRIDES
 from postertune.params import ParamError, build
 from postertune.store import ShardWriter, sha256_hex

@@ -1,5 +1,5 @@
 """Dedupe: pHash robustness, the multi-index search against brute force, the keep rule,
-greedy grouping, hashing in parallel with a resumable cache, and the stage end to end."""
+greedy grouping, hashes from the fetch table (the same as decoding again), and the stage end to end."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,13 +19,14 @@ import yaml
 from PIL import Image
 
 from postertune.dedupe.grouping import assign_duplicates, keep_priority
-from postertune.dedupe.hashing import hex64, iter_hashes, load_cache, phash64, recipe, save_cache
 from postertune.dedupe.params import DedupeParams
-from postertune.dedupe.run import hash_images, mark_duplicates, run
+from postertune.dedupe.run import mark_duplicates, run
 from postertune.dedupe.search import brute_force_pairs, multi_index_pairs, near_pairs
 from postertune.errors import PipelineError
+from postertune.imagefacts import image_facts
+from postertune.imagesafe import load_image
 from postertune.params import ParamError, build
-from postertune.store import ShardStore, ShardWriter, sha256_hex
+from postertune.store import ShardStore
 from tests.raw_tables import PROJECT, demo_images, write_raw
 
 DEFAULTS = DedupeParams()
@@ -65,6 +67,21 @@ def copies(data: bytes) -> dict[str, bytes]:
     }
 
 
+def phash64(data: bytes) -> int:
+    """The pHash fetch records for ``data``, as an integer."""
+    return int(image_facts(data).phash, 16)
+
+
+def hex64(value: int) -> str:
+    return f"{value:016x}"
+
+
+def decoded_again(data: bytes) -> str:
+    """The pHash as dedupe computed it before fetch recorded it: its own decode of the stored
+    bytes (JPEG draft mode to at least 64x64, upright, transparency on white), then imagehash."""
+    return str(imagehash.phash(load_image(data, draft=(64, 64))))
+
+
 # --- perceptual hash -------------------------------------------------------------------------
 
 
@@ -86,8 +103,6 @@ def test_different_demo_posters_are_far_apart():
 
 
 def test_phash_hex_matches_imagehash_on_the_reduced_decode():
-    import imagehash
-
     data = demo_posters()["square"]
     img = Image.open(io.BytesIO(data))
     img.draft("RGB", (64, 64))
@@ -205,7 +220,6 @@ def test_exact_and_near_duplicates_point_at_the_kept_image():
     ]  # fmt: skip
     assert marked["duplicate_of"].fillna("-").tolist() == ["big", "-", "big", "-", "other"]
     assert marked["dedupe_distance"].tolist() == [2, 0, 2, 0, 0]
-    assert marked["phash"][1] == hex64(base)
 
 
 def test_keep_order_param_changes_the_kept_copy():
@@ -215,51 +229,6 @@ def test_keep_order_param_changes_the_kept_copy():
     assert by_pixels["dedupe_status"].tolist() == ["near_duplicate", "kept"]
     by_density = mark_duplicates(rows, hashes, DedupeParams(keep_order=("kb_per_pixel", "pixels")))
     assert by_density["dedupe_status"].tolist() == ["kept", "near_duplicate"]
-
-
-# --- hashing: parallel, cached, resumable ----------------------------------------------------
-
-
-def store_with(tmp_path: Path, blobs: list[bytes]) -> tuple[ShardStore, list[str]]:
-    with ShardWriter(tmp_path / "shards", max_images=4) as writer:
-        for blob in blobs:
-            writer.add(sha256_hex(blob), blob)
-    return ShardStore(tmp_path / "shards"), [sha256_hex(b) for b in blobs]
-
-
-def test_parallel_hashing_matches_serial(tmp_path):
-    posters = list(demo_posters().values())
-    blobs = posters + [c for data in posters[:3] for c in copies(data).values()]
-    store, shas = store_with(tmp_path, blobs)
-    serial = list(iter_hashes(store, shas, workers=1))
-    parallel = list(iter_hashes(store, shas, workers=2))
-    assert serial == parallel
-    assert [sha for sha, _, _ in serial] == shas
-    assert all(value is not None for _, value, _ in serial)
-
-
-def test_hash_cache_is_reused_and_survives_a_failed_run(tmp_path):
-    posters = list(demo_posters().values())[:4]
-    store, shas = store_with(tmp_path, posters + [b"\xff\xd8\xff this is no jpeg"])
-    cache = tmp_path / "cache.parquet"
-    with pytest.raises(PipelineError) as failure:
-        hash_images(store, shas, workers=1, cache_path=cache)
-    message = str(failure.value)
-    assert "\n" not in message and shas[-1] in message and "not_an_image" in message
-    assert set(load_cache(cache)) == set(shas[:-1])  # the work before the failure is kept
-
-    hashes, timing = hash_images(store, shas[:-1], workers=1, cache_path=cache)
-    assert timing["hashed"] == 0 and timing["from_cache"] == 4
-    assert hashes == {sha: phash64(data) for sha, data in zip(shas, posters, strict=False)}
-
-
-def test_hash_cache_ignores_another_hash_recipe(tmp_path):
-    cache = tmp_path / "cache.parquet"
-    save_cache(cache, {"a": 1})
-    frame = pd.read_parquet(cache)
-    assert frame["method"].tolist() == [recipe()]
-    frame.assign(method="older-recipe").to_parquet(cache)
-    assert load_cache(cache) == {}
 
 
 # --- params ----------------------------------------------------------------------------------
@@ -274,7 +243,6 @@ def test_hash_cache_ignores_another_hash_recipe(tmp_path):
         ({"keep_order": []}, "dedupe.keep_order"),
         ({"keep_order": ["pixels", "pixels"]}, "dedupe.keep_order"),
         ({"keep_order": ["pixels", "sharpness"]}, "dedupe.keep_order[1]"),
-        ({"workers": -2}, "dedupe.workers"),
         ({"threshold": 8}, "dedupe.threshold"),
     ],
 )
@@ -303,7 +271,7 @@ def stage_paths(root: Path) -> dict[str, Path]:
 def test_demo_set_groups_exactly_the_planted_duplicates(tmp_path):
     items = demo_images()
     write_raw(tmp_path, items)
-    params = DedupeParams(workers=1, **stage_paths(tmp_path))
+    params = DedupeParams(**stage_paths(tmp_path))
     metrics = run(params)
     marked = pd.read_parquet(params.output / "images.parquet")
     case_of = {url: meta["case"] for url, _, meta in items}
@@ -335,6 +303,50 @@ def test_demo_set_groups_exactly_the_planted_duplicates(tmp_path):
     assert (groups.groupby("group")["status"].first() == "kept").all()
 
 
+def test_fetch_time_hashes_are_the_hashes_of_decoding_the_stored_bytes_again():
+    posters = demo_posters()
+    blobs = dict(posters)
+    blobs |= {
+        f"{case}, {name}": copy for case in ("square", "tall_300dpi") for name, copy in copies(posters[case]).items()
+    }
+    for name, data in blobs.items():
+        assert image_facts(data).phash == decoded_again(data), name
+
+
+def test_groups_from_fetch_time_hashes_equal_groups_from_decoding_again(tmp_path):
+    posters = demo_posters()
+    copied = [
+        (f"file:copies/{case}/{name}", copy, {"case": f"{case} copy"})
+        for case in ("square", "tall_300dpi", "reencoded_original")
+        for name, copy in copies(posters[case]).items()
+    ]
+    write_raw(tmp_path, demo_images() + copied)
+    params = DedupeParams(**stage_paths(tmp_path))
+    run(params)
+    marked = pd.read_parquet(params.output / "images.parquet")
+
+    fetched = pd.read_parquet(params.table)
+    rows = fetched[fetched["status"] == "ok"].reset_index(drop=True)
+    with ShardStore(params.shards) as store:
+        again = {sha: int(decoded_again(store.read(sha)), 16) for sha in rows["sha256"]}
+    expected = mark_duplicates(rows, again, params)
+    columns = ["url", "dedupe_status", "duplicate_of", "dedupe_distance"]
+    pd.testing.assert_frame_equal(marked[columns], expected[columns])
+    assert (marked["dedupe_status"] == "near_duplicate").sum() == 3 + len(copied)  # every copy found
+
+
+def test_a_fetch_table_without_hashes_is_refused_naming_the_file_and_column(tmp_path):
+    frame = write_raw(tmp_path, demo_images()[:3])
+    params = DedupeParams(**stage_paths(tmp_path))
+    frame.drop(columns="phash").to_parquet(params.table)  # a table from before fetch recorded hashes
+    with pytest.raises(PipelineError) as error:
+        run(params)
+    assert str(error.value) == f"{params.table}: missing column 'phash' (run the fetch stage again)"
+    frame.assign(phash=frame["phash"].where(frame.index != 1, None)).to_parquet(params.table)
+    with pytest.raises(PipelineError, match=r"row 1 has status ok but no sha256 or .* or phash$"):
+        run(params)
+
+
 def run_stage(name: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
     return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env, capture_output=True, text=True)
@@ -347,23 +359,21 @@ def write_params(cwd: Path, **dedupe) -> None:
 
 
 @pytest.mark.slow
-def test_stage_end_to_end_then_rerun_from_the_hash_cache(tmp_path):
+def test_stage_end_to_end_then_rerun_with_a_new_threshold(tmp_path):
     write_raw(tmp_path, demo_images())
-    write_params(tmp_path, workers=2)
+    write_params(tmp_path)
     first = run_stage("dedupe", tmp_path)
     assert first.returncode == 0, first.stderr
     metrics = json.loads((tmp_path / "metrics/dedupe.json").read_text())
-    assert metrics["hashing"]["hashed"] == metrics["unique_images"] == 19
-    assert metrics["hashing"]["images_per_s"] > 0
+    assert metrics["unique_images"] == 19 and metrics["near_duplicates_removed"] == 3
     marked = pd.read_parquet(tmp_path / "data/dedup/images.parquet")
     assert set(marked["dedupe_status"]) == {"kept", "exact_duplicate", "near_duplicate"}
     assert marked["phash"].str.fullmatch(r"[0-9a-f]{16}").all()
 
-    write_params(tmp_path, max_distance=0)  # a new threshold needs no new hashes
+    write_params(tmp_path, max_distance=0)
     second = run_stage("dedupe", tmp_path)
     assert second.returncode == 0, second.stderr
     metrics = json.loads((tmp_path / "metrics/dedupe.json").read_text())
-    assert metrics["hashing"]["hashed"] == 0 and metrics["hashing"]["from_cache"] == 19
     rerun = pd.read_parquet(tmp_path / "data/dedup/images.parquet")
     assert rerun["phash"].tolist() == marked["phash"].tolist()
     assert metrics["near_duplicates_removed"] == 2  # the cropped copy is 6 bits away

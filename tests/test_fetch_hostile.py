@@ -27,7 +27,8 @@ from postertune.fetch import engine
 from postertune.fetch.http import AddressNotAllowed, GuardedResolver, guarded_socket_factory
 from postertune.fetch.params import FetchParams
 from postertune.fetch.run import run as run_stage
-from postertune.imagesafe import ImageRejected, inspect_image
+from postertune.imagefacts import image_facts
+from postertune.imagesafe import ImageRejected
 from postertune.params import ParamError, build
 from postertune.store import ShardStore, ShardWriter, sha256_hex
 from tests.test_fetch import FAST, FaultServer, bomb_png, image, poster, redirect
@@ -92,14 +93,13 @@ def test_a_source_row_never_reaches_past_its_source(land, monkeypatch):
     served = {"/ok.jpg": poster(10), "/t/p/w600/tmdb.jpg": poster(11), "/poison.jpg": poster(12)}
     secret_abs = (land / "secret" / "secret.jpg").as_posix()
     poison_sha = sha256_hex(served["/poison.jpg"])
-    real_inspect = inspect_image
 
-    def inspect_or_explode(data: bytes, max_pixels: int):
+    def inspect_or_explode(data: bytes, max_pixels: int, background: tuple[int, int, int]):
         if sha256_hex(data) == poison_sha:
             raise RuntimeError("a decoder bug")
-        return real_inspect(data, max_pixels)
+        return image_facts(data, max_pixels, background)
 
-    monkeypatch.setattr(engine, "inspect_image", inspect_or_explode)
+    monkeypatch.setattr(engine, "image_facts", inspect_or_explode)
     routes = {path: image(data) for path, data in served.items()}
     with FaultServer(routes) as server:
         port = server.url.rsplit(":", 1)[1]
@@ -384,12 +384,12 @@ def test_the_shard_writer_alone_decides_when_a_shard_closes(tmp_path):
 
 
 def test_a_decoder_failure_is_that_images_reason(land, monkeypatch):
-    def explode(data: bytes, max_pixels: int):
+    def explode(data: bytes, max_pixels: int, background: tuple[int, int, int]):
         if data == poster(1):
             raise ImageRejected("corrupt")
         raise ValueError("embedded null byte")
 
-    monkeypatch.setattr(engine, "inspect_image", explode)
+    monkeypatch.setattr(engine, "image_facts", explode)
     frame, _ = run(land / "out", [{"name": "folder", "kind": "folder", "path": "posters"}])
     got = dict(zip(frame["url"], frame["reason"], strict=True))
     assert got["file:posters/x.jpg"] == "corrupt" and got["file:posters/sub/y.jpg"] == "error: ValueError"

@@ -143,7 +143,7 @@ def deduplicated_demo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     write_raw(root, demo_images())
     tables = dict(table=root / "data/raw/images.parquet", shards=root / "data/raw/shards", output=root / "data/dedup")
-    run_dedupe(DedupeParams(workers=1, **tables))
+    run_dedupe(DedupeParams(**tables))
     return root
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from postertune.imagesafe import ImageRejected, inspect_image, load_image
+from postertune.imagefacts import image_facts
+from postertune.imagesafe import ImageRejected, load_image
 
 
 def png16(pixels: np.ndarray, colour_type: int, trns: bytes | None = None) -> bytes:
@@ -101,7 +102,7 @@ def test_cmyk_converts_to_the_colours_it_prints():
     assert tiff[0, 0].tolist() == [220, 40, 30] and tiff[15, 15].tolist() == [20, 60, 200]
     jpeg = pixels(encode(cmyk, "JPEG", quality=95))
     assert np.abs(jpeg[2, 2] - [220, 40, 30]).max() <= 8 and np.abs(jpeg[13, 13] - [20, 60, 200]).max() <= 8
-    info = inspect_image(encode(cmyk, "JPEG"))
+    info = image_facts(encode(cmyk, "JPEG"))
     assert (info.width, info.height, info.format) == (16, 16, "JPEG")
 
 

@@ -1,5 +1,5 @@
 """Pixels as the poster shows them, in every stage: upright by EXIF orientation (recorded
-sizes, loaded pixels, dedupe), and transparency on the background colour the params name."""
+sizes, loaded pixels, pHash), and transparency on the background colour the params name."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from PIL import Image
 
 from postertune.caption.params import CaptionParams
 from postertune.caption.run import cache_settings, caption_images
-from postertune.dedupe.hashing import load_cache, phash64, save_cache
 from postertune.dedupe.params import DedupeParams
 from postertune.dedupe.run import run as dedupe
 from postertune.evaluate.cmmd import reference_loader
 from postertune.evaluate.params import EvaluateParams
-from postertune.fetch.journal import Journal, StoredImage
+from postertune.fetch.journal import Journal, Remeasure, StoredImage
 from postertune.fetch.params import FetchParams
 from postertune.fetch.run import run as fetch
-from postertune.imagesafe import exif_orientation, inspect_image, load_image
+from postertune.imagefacts import image_facts, recipe
+from postertune.imagesafe import exif_orientation, load_image
 from postertune.params import ParamError, build
 from postertune.store import ShardStore, ShardWriter, sha256_hex
 from postertune.train.buckets import Bucket, Crop
@@ -83,7 +83,7 @@ def test_each_exif_orientation_loads_upright_and_records_the_displayed_size(orie
     assert stored.size == ((HEIGHT, WIDTH) if orientation >= 5 else (WIDTH, HEIGHT))  # the file really is turned
     assert exif_orientation(stored) == orientation
 
-    info = inspect_image(data)
+    info = image_facts(data)
     assert (info.width, info.height) == (WIDTH, HEIGHT)
     image = load_image(data)
     assert image.size == (WIDTH, HEIGHT)
@@ -95,7 +95,7 @@ def test_each_exif_orientation_loads_upright_and_records_the_displayed_size(orie
             y = HEIGHT // 4 if name.startswith("top") else 3 * HEIGHT // 4
             x = WIDTH // 4 if name.endswith("left") else 3 * WIDTH // 4
             assert np.abs(got[y, x] - colour).max() <= 12, name
-    if fmt == "JPEG":  # the reduced (draft) decode that captioning and dedupe use turns the same way
+    if fmt == "JPEG":  # the reduced (draft) decode that captioning and the pHash use turns the same way
         small = load_image(data, draft=(WIDTH // 4, HEIGHT // 4))
         assert small.width < small.height
 
@@ -110,27 +110,42 @@ def test_a_damaged_or_odd_orientation_leaves_the_image_as_stored():
     assert load_image(damaged).size in ((WIDTH, HEIGHT), (HEIGHT, WIDTH))
 
 
-def test_fetch_records_every_orientation_as_displayed(tmp_path):
+def fetch_camera_folder(tmp_path, **overrides) -> tuple[pd.DataFrame, dict]:
     folder = tmp_path / "sources" / "camera"
-    folder.mkdir(parents=True)
-    for orientation in ORIENTATIONS:
-        (folder / f"o{orientation}.jpg").write_bytes(with_orientation(stored_as(upright(), orientation), orientation, "JPEG"))  # fmt: skip
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        for orientation in ORIENTATIONS:
+            (folder / f"o{orientation}.jpg").write_bytes(with_orientation(stored_as(upright(), orientation), orientation, "JPEG"))  # fmt: skip
     raw = {"sources": [{"name": "camera", "kind": "folder", "path": str(folder)}], "source_dir": str(tmp_path / "sources")}  # fmt: skip
-    params = build(FetchParams, raw | FAST | {"allowed_schemes": []}, "fetch")
-    fetch(replace(params, shards=tmp_path / "shards", table=tmp_path / "images.parquet"))
-    table = pd.read_parquet(tmp_path / "images.parquet")
+    params = build(FetchParams, raw | FAST | {"allowed_schemes": []} | overrides, "fetch")
+    metrics = fetch(replace(params, shards=tmp_path / "shards", table=tmp_path / "images.parquet"))
+    return pd.read_parquet(tmp_path / "images.parquet"), metrics
+
+
+def test_fetch_records_every_orientation_as_displayed(tmp_path):
+    table, _ = fetch_camera_folder(tmp_path)
     assert table["status"].tolist() == ["ok"] * 8
     assert set(zip(table["width"], table["height"], strict=True)) == {(WIDTH, HEIGHT)}
+    assert table["phash"].nunique() == 1  # every copy hashes upright
 
 
-def test_sizes_journalled_before_orientation_was_applied_are_measured_again(tmp_path):
-    journal = Journal(tmp_path)
-    image = StoredImage("file:o6.jpg", "ab" * 32, WIDTH, HEIGHT, "JPEG", None, 1000)
-    journal.append([image])
-    assert journal.load({image.sha256}) == {image.url: image}
-    segment = journal.segments()[0]
-    pd.read_parquet(segment).drop(columns="sizes").to_parquet(segment)  # as written before
-    assert journal.load({image.sha256}) == {}  # fetched (and measured) again
+def test_images_journalled_under_another_recipe_are_measured_again_from_the_store(tmp_path):
+    first, _ = fetch_camera_folder(tmp_path)
+    for segment in Journal(tmp_path / "shards", recipe()).segments():  # as written before the recipe was recorded
+        pd.read_parquet(segment).drop(columns=["recipe", "phash", "jpeg_quality"]).to_parquet(segment)
+    again, metrics = fetch_camera_folder(tmp_path)
+    assert metrics["run"]["urls_remeasured"] == 8 and metrics["run"]["urls_fetched"] == 0
+    pd.testing.assert_frame_equal(again, first)
+    _, metrics = fetch_camera_folder(tmp_path)  # measured again once, then reused
+    assert metrics["run"]["urls_reused"] == 8 and metrics["run"]["urls_remeasured"] == 0
+
+
+def test_a_journal_entry_is_current_only_under_its_own_recipe(tmp_path):
+    image = StoredImage("file:o6.jpg", "ab" * 32, WIDTH, HEIGHT, "JPEG", None, 90, "0" * 16, 1000)
+    Journal(tmp_path, recipe()).append([image])
+    assert Journal(tmp_path, recipe()).load({image.sha256}) == ({image.url: image}, {})
+    assert Journal(tmp_path, recipe(BLACK)).load({image.sha256}) == ({}, {image.url: Remeasure(image.sha256, "")})
+    assert Journal(tmp_path, recipe()).load(set()) == ({}, {})  # its shard was never published
 
 
 def test_dedupe_groups_a_copy_turned_by_exif_with_its_upright_twin(tmp_path):
@@ -146,7 +161,7 @@ def test_dedupe_groups_a_copy_turned_by_exif_with_its_upright_twin(tmp_path):
     ]
     write_raw(tmp_path, images)
     paths = dict(table=tmp_path / "data/raw/images.parquet", shards=tmp_path / "data/raw/shards")
-    dedupe(replace(DedupeParams(), workers=1, output=tmp_path / "data/dedup", **paths))
+    dedupe(replace(DedupeParams(), output=tmp_path / "data/dedup", **paths))
     marked = pd.read_parquet(tmp_path / "data/dedup/images.parquet").set_index("url")
     twins = marked.loc[["file:upright.jpg", "file:sideways.jpg"]]
     assert sorted(twins["dedupe_status"]) == ["kept", "near_duplicate"]
@@ -180,13 +195,14 @@ def store(tmp_path) -> tuple[ShardStore, str]:
 
 
 def test_background_is_a_param_of_every_stage_that_reads_pixels():
-    for cls, name, path in [
-        (DedupeParams, "dedupe", ("background",)),
-        (CaptionParams, "caption", ("background",)),
-        (TrainParams, "train", ("background",)),
-        (EvaluateParams, "evaluate", ("cmmd", "background")),
+    source = {"sources": [{"name": "demo", "kind": "folder", "path": "data/demo/posters"}]}
+    for cls, name, path, required in [
+        (FetchParams, "fetch", ("background",), source),
+        (CaptionParams, "caption", ("background",), {}),
+        (TrainParams, "train", ("background",), {}),
+        (EvaluateParams, "evaluate", ("cmmd", "background"), {}),
     ]:
-        section: dict = {}
+        section: dict = dict(required)
         inner = section
         for key in path[:-1]:
             inner = inner.setdefault(key, {})
@@ -251,14 +267,11 @@ def test_the_background_changes_the_pixels_latents_are_encoded_from(store):
     assert torch.equal(on_white[:, 40:], on_black[:, 40:])
 
 
-def test_the_background_changes_dedupe_hashes_and_cmmd_references(store, tmp_path):
+def test_the_background_changes_fetch_time_hashes_and_cmmd_references(store):
     store, sha = store
     data = store.read(sha)
-    assert phash64(data, background=BLACK) != phash64(data)
-    cache = tmp_path / "phash.parquet"
-    save_cache(cache, {sha: phash64(data)})
-    assert load_cache(cache) == {sha: phash64(data)}
-    assert load_cache(cache, BLACK) == {}  # hashes on another background are not reused
+    assert image_facts(data, background=BLACK).phash != image_facts(data).phash
+    assert recipe(BLACK) != recipe()  # hashes on another background are measured again, not reused
     cmmd = build(EvaluateParams, {"cmmd": {"background": [0, 0, 0]}}, "evaluate").cmmd
     assert np.asarray(reference_loader(store, cmmd.background)(sha))[0, 0].tolist() == [0, 0, 0]
     assert np.asarray(reference_loader(store)(sha))[0, 0].tolist() == [255, 255, 255]

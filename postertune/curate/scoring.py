@@ -15,8 +15,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from postertune.curate.cache import EmbeddingCache, ImageRecord, text_key
-from postertune.curate.jpeg import jpeg_quality
 from postertune.imagesafe import ImageRejected, load_image
+from postertune.jpegquality import jpeg_quality
 from postertune.models.aesthetic import AestheticHead
 from postertune.models.clip import ClipEncoder, clip_scores
 from postertune.store import ShardStore

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 from postertune.dedupe.grouping import KeepCriterion
-from postertune.params import Bounds, Colour, Invalid, NotEmpty
+from postertune.params import Bounds, Invalid, NotEmpty
 
 HASH_BITS = 64
 
@@ -17,11 +17,9 @@ class DedupeParams:
     # Hamming distance between 64-bit pHashes that still counts as the same poster
     max_distance: Annotated[int, Bounds(ge=0, lt=HASH_BITS // 2)] = 10
     keep_order: Annotated[tuple[KeepCriterion, ...], NotEmpty()] = ("pixels", "kb_per_pixel")
-    workers: Annotated[int, Bounds(ge=0)] = 0  # hashing processes; 0: one per available core
-    background: Colour = (255, 255, 255)  # transparent posters are composited onto this RGB colour
     table: Path = Path("data/raw/images.parquet")  # the fetch stage's table
     shards: Path = Path("data/raw/shards")
-    output: Path = Path("data/dedup")  # images.parquet, groups.csv and the pHash cache
+    output: Path = Path("data/dedup")  # images.parquet and groups.csv
 
     def __post_init__(self) -> None:
         if len(set(self.keep_order)) != len(self.keep_order):

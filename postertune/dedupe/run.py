@@ -4,7 +4,9 @@ Rows that fetched an image are marked ``kept``, ``exact_duplicate`` (a later row
 same sha256 as another) or ``near_duplicate`` (a different file whose pHash lies within
 ``max_distance`` bits of a kept image's). ``duplicate_of`` always names the sha256 of the
 kept image that stands in for the row. Rows whose fetch failed carry no image and are
-left out (``data/raw/images.parquet`` keeps them, with their reasons).
+left out (``data/raw/images.parquet`` keeps them, with their reasons). The pHashes come
+from the fetch table (measured in the decode that verified each image): no image is
+decoded here.
 """
 
 from __future__ import annotations
@@ -14,74 +16,42 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from postertune.atomic import write_parquet, write_text
 from postertune.dedupe.grouping import assign_duplicates, keep_priority
-from postertune.dedupe.hashing import default_workers, hex64, iter_hashes, load_cache, save_cache
 from postertune.dedupe.params import DedupeParams
 from postertune.errors import PipelineError
-from postertune.imagesafe import WHITE
 from postertune.store import ShardStore
 from postertune.tables import read_stage_table
 
-REQUIRED_COLUMNS = ("sha256", "url", "width", "height", "bytes", "dpi", "status")
-CHECKPOINT_SECONDS = 30.0
-HASH_CACHE = "phash_cache.parquet"  # in the output folder: a rerun hashes only new images
+REQUIRED_COLUMNS = ("sha256", "url", "width", "height", "bytes", "dpi", "phash", "status")
+PHASH = r"[0-9a-f]{16}"
 
 
 def read_fetched(path: Path) -> tuple[pd.DataFrame, int]:
     """The rows of the fetch table that hold an image, and the count of rows that do not."""
     frame = read_stage_table(path, REQUIRED_COLUMNS, "fetch")
     fetched = frame["status"] == "ok"
-    holes = fetched & (frame["sha256"].isna() | frame["width"].isna() | frame["height"].isna() | frame["bytes"].isna())
+    needed = ["sha256", "width", "height", "bytes", "phash"]
+    holes = fetched & frame[needed].isna().any(axis=1)
     if holes.any():
         row = int(np.flatnonzero(holes)[0])
-        raise PipelineError(f"{path}: row {row} has status ok but no sha256, width, height or bytes")
+        raise PipelineError(f"{path}: row {row} has status ok but no {' or '.join(needed)}")
+    malformed = fetched & ~frame["phash"].astype(str).str.fullmatch(PHASH)
+    if malformed.any():
+        row = int(np.flatnonzero(malformed)[0])
+        raise PipelineError(f"{path}: row {row}: phash {frame['phash'][row]!r} is not 16 hex digits")
     return frame[fetched].reset_index(drop=True), int((~fetched).sum())
 
 
-def hash_images(
-    store: ShardStore, shas: list[str], workers: int, cache_path: Path, background: tuple[int, int, int] = WHITE
-) -> tuple[dict[str, int], dict]:
-    """pHashes of ``shas`` (transparency on ``background``), reusing and checkpointing ``cache_path``
-    so an interrupted or re-thresholded run does not hash the same image twice; also returns timing counts."""
-    cached = load_cache(cache_path, background)
-    hashes = {sha: cached[sha] for sha in shas if sha in cached}
-    todo = [sha for sha in shas if sha not in hashes]
-    failures: dict[str, str] = {}
-    started = last_save = time.monotonic()
-    try:
-        progress = tqdm(
-            iter_hashes(store, todo, workers or default_workers(), background),
-            total=len(todo),
-            desc="phash",
-            unit="img",
-        )
-        for sha, value, reason in progress:
-            if value is None:
-                failures[sha] = reason
-            else:
-                hashes[sha] = value
-            if time.monotonic() - last_save >= CHECKPOINT_SECONDS:
-                save_cache(cache_path, hashes, background)
-                last_save = time.monotonic()
-    finally:
-        seconds = time.monotonic() - started
-        save_cache(cache_path, hashes, background)
-    if failures:
-        sha, reason = next(iter(failures.items()))
-        raise PipelineError(
-            f"{store.root}: stored image {sha} does not decode ({reason}); {len(failures)} such image(s)"
-        )
-    hashed = len(todo)
-    timing = {"hashed": hashed, "from_cache": len(shas) - hashed, "images_per_s": hashed / seconds if hashed else 0.0}
-    return hashes, timing
+def table_hashes(rows: pd.DataFrame) -> dict[str, int]:
+    """Each image's pHash as a 64-bit integer, by sha256."""
+    return {sha: int(value, 16) for sha, value in zip(rows["sha256"], rows["phash"], strict=True)}
 
 
 def mark_duplicates(rows: pd.DataFrame, hashes: dict[str, int], params: DedupeParams) -> pd.DataFrame:
-    """``rows`` (fetched images, table order) plus ``dedupe_status``, ``duplicate_of``,
-    ``phash`` and ``dedupe_distance`` (bits from the kept image's hash)."""
+    """``rows`` (fetched images, table order) plus ``dedupe_status``, ``duplicate_of`` and
+    ``dedupe_distance`` (bits from the kept image's hash)."""
     first_of_sha = ~rows["sha256"].duplicated()
     images = rows[first_of_sha]
     priority = keep_priority(images, params.keep_order)
@@ -97,7 +67,6 @@ def mark_duplicates(rows: pd.DataFrame, hashes: dict[str, int], params: DedupePa
         ~first_of_sha, "exact_duplicate", np.where(keeper == out["sha256"], "kept", "near_duplicate")
     )
     out["duplicate_of"] = keeper.where(out["dedupe_status"] != "kept", None)
-    out["phash"] = out["sha256"].map(lambda sha: hex64(hashes[sha]))
     out["dedupe_distance"] = out["sha256"].map(distance_of).astype(np.int64)
     return out
 
@@ -128,10 +97,8 @@ def run(params: DedupeParams) -> dict:
     if absent:
         row = int(np.flatnonzero(rows["sha256"] == absent[0])[0])
         raise PipelineError(f"{params.table}: image {absent[0]} of url {rows['url'][row]} is not in {params.shards}")
-    with store:
-        hashes, timing = hash_images(store, shas, params.workers, params.output / HASH_CACHE, params.background)
     started = time.monotonic()
-    marked = mark_duplicates(rows, hashes, params)
+    marked = mark_duplicates(rows, table_hashes(rows), params)
     search_seconds = time.monotonic() - started
     groups = duplicate_groups(marked)
     write_parquet(params.output / "images.parquet", marked)
@@ -145,6 +112,5 @@ def run(params: DedupeParams) -> dict:
         "near_duplicates_removed": int(status.get("near_duplicate", 0)),
         "kept": int(status.get("kept", 0)),
         "duplicate_groups": int(groups["group"].max()) if len(groups) else 0,
-        "hashing": timing,
         "search_seconds": search_seconds,
     }

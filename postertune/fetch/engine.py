@@ -2,14 +2,16 @@
 
 Workers take URLs from a queue and get their bytes (HTTP with a bounded connection
 pool, local files in threads); archive members are read in one pass per archive and
-queued as bytes. Each payload is hashed and fully decoded in a thread pool, so CPU work
-never stalls the event loop, and only images that decode are stored, named by sha256.
+queued as bytes. Each payload is hashed and decoded once in a thread pool, so CPU work
+never stalls the event loop; that decode proves it is an image and measures it
+(``imagefacts``). Only images that decode are stored, named by sha256.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -20,12 +22,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from postertune.fetch.http import HttpClient
-from postertune.fetch.journal import Journal, StoredImage
+from postertune.fetch.journal import Journal, Remeasure, StoredImage
 from postertune.fetch.local import Payload, read_archive, read_file
 from postertune.fetch.params import FetchParams
 from postertune.fetch.urls import LocalTarget
-from postertune.imagesafe import ImageRejected, inspect_image
-from postertune.store import ShardWriter, sha256_hex
+from postertune.imagefacts import image_facts, recipe
+from postertune.imagesafe import ImageRejected
+from postertune.store import ShardStore, ShardWriter, sha256_hex
 
 PUBLISH_CHECK_S = 1.0
 # Verified images that wait for an earlier, slower one before they can be stored; past this
@@ -48,25 +51,41 @@ class FetchRun:
     seconds: float
 
 
-def verify(payload: Payload, max_pixels: int) -> Outcome:
-    """Hash and decode one payload (runs in a worker thread)."""
+def verify(payload: Payload, max_pixels: int, background: tuple[int, int, int]) -> Outcome:
+    """Hash, decode and measure one payload (runs in a worker thread)."""
     if payload.data is None:
         return Outcome(payload.url, reason=payload.reason)
     try:
-        info = inspect_image(payload.data, max_pixels)
+        facts = image_facts(payload.data, max_pixels, background)
     except ImageRejected as exc:
         return Outcome(payload.url, reason=exc.reason)
     image = StoredImage(
         payload.url,
         sha256_hex(payload.data),
-        info.width,
-        info.height,
-        info.format,
-        info.dpi,
+        facts.width,
+        facts.height,
+        facts.format,
+        facts.dpi,
+        facts.jpeg_quality,
+        facts.phash,
         len(payload.data),
         payload.stamp,
     )
     return Outcome(payload.url, image)
+
+
+def remeasure(images: dict[str, Remeasure], store: ShardStore, params: FetchParams) -> dict[str, Outcome]:
+    """Measure journalled images again from their stored bytes, by URL."""
+    reading = threading.Lock()  # the store opens each shard once, on its first read
+
+    def measure(item: tuple[str, Remeasure]) -> Outcome:
+        url, image = item
+        with reading:
+            data = store.read(image.sha256)
+        return verify(Payload(url, data, stamp=image.stamp), params.max_pixels, params.background)
+
+    with ThreadPoolExecutor(params.decode_workers, thread_name_prefix="decode") as decoders:
+        return {outcome.url: outcome for outcome in decoders.map(measure, images.items())}
 
 
 class ShardPublisher:
@@ -89,7 +108,7 @@ class ShardPublisher:
             before_publish=self._journal_pending,
         )
         self.writer.written.update(stored)
-        self.journal = Journal(root)
+        self.journal = Journal(root, recipe(params.background))
         self.pending: list[StoredImage] = []
         self.waiting: dict[int, tuple[StoredImage, bytes] | None] = {}
         self.waiting_bytes = 0
@@ -160,7 +179,9 @@ async def fetch_all(
                         payload = await http.get(url)
                     else:
                         payload = await asyncio.to_thread(read_file, url, job[1], params.max_bytes)
-                    outcome = await loop.run_in_executor(decoders, verify, payload, params.max_pixels)
+                    outcome = await loop.run_in_executor(
+                        decoders, verify, payload, params.max_pixels, params.background
+                    )
                 except Exception as exc:  # noqa: BLE001 - one bad URL costs its row, never the run
                     return Outcome(url, reason=f"error: {type(exc).__name__}"), None
                 return outcome, payload.data

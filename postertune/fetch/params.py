@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from postertune.fetch.urls import WEB_SCHEMES, UrlRejected, check_web, inside, is_file_prefix, prefix_folder
-from postertune.params import Bounds, ParamError
+from postertune.params import Bounds, Colour, ParamError
 
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"]
 # Table columns the stage itself writes; a metadata column may not take one of these names.
-RESERVED_COLUMNS = {"sha256", "source", "url", "row", "width", "height", "format", "dpi", "bytes", "status", "reason"}
+RESERVED_COLUMNS = {"sha256", "source", "url", "row", "width", "height", "format", "dpi", "jpeg_quality", "phash",
+                    "bytes", "status", "reason"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,9 @@ class FetchParams:
     max_bytes: Annotated[int, Bounds(ge=1)] = 20_000_000
     max_pixels: Annotated[int, Bounds(ge=1)] = 50_000_000
     decode_workers: Annotated[int, Bounds(ge=1)] = 2
+    # transparent posters are composited onto this RGB colour (for the pHash here, and for
+    # captions, latents and CMMD downstream, which take it from this key)
+    background: Colour = (255, 255, 255)
     shard_max_images: Annotated[int, Bounds(ge=1)] = 2048
     shard_max_bytes: Annotated[int, Bounds(ge=1)] = 512_000_000
     # An age limit bounds what a kill loses on a slow source, but then timing decides the

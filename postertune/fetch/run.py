@@ -2,8 +2,10 @@
 
 Every source is read (and every param checked) before the first request. URLs already
 in the journal are not fetched again (a local file whose size or modification time
-changed is read again); each distinct URL is fetched once however many rows name it. The table has one row per source row, in source order then row order, so
-a run that was killed and resumed writes the same table as one that was not.
+changed is read again; an image measured under another recipe is measured again from
+the store); each distinct URL is fetched once however many rows name it. The table has
+one row per source row, in source order then row order, so a run that was killed and
+resumed writes the same table as one that was not.
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ from collections import Counter
 import pandas as pd
 
 from postertune.atomic import write_parquet
-from postertune.fetch.engine import Outcome, run_fetch_engine
-from postertune.fetch.journal import Journal
+from postertune.fetch.engine import Outcome, remeasure, run_fetch_engine
+from postertune.fetch.journal import Journal, Remeasure
 from postertune.fetch.local import local_stamp
 from postertune.fetch.params import FetchParams
 from postertune.fetch.sources import Entry, read_source
 from postertune.fetch.urls import LocalTarget
+from postertune.imagefacts import recipe
 from postertune.store import ShardStore
 
-IMAGE_COLUMNS = ["width", "height", "format", "dpi", "bytes", "status", "reason"]
-DTYPES = {"row": "int64", "width": "Int64", "height": "Int64", "dpi": "float64", "bytes": "Int64"}
+IMAGE_COLUMNS = ["width", "height", "format", "dpi", "jpeg_quality", "phash", "bytes", "status", "reason"]
+DTYPES = {"row": "int64", "width": "Int64", "height": "Int64", "dpi": "float64", "jpeg_quality": "Int64",
+          "bytes": "Int64"}  # fmt: skip
 
 
 def run(params: FetchParams) -> dict:
@@ -31,28 +35,38 @@ def run(params: FetchParams) -> dict:
     read = [(source, read_source(source, params.allowed_schemes)) for source in params.sources]
     entries = [entry for _, rows in read for entry in rows.entries]
 
-    stored = set(ShardStore(shards).index)
-    journal = Journal(shards).load(stored)
+    store = ShardStore(shards)
+    stored = set(store.index)
+    journal = Journal(shards, recipe(params.background))
+    journalled, older = journal.load(stored)
     known: dict[str, Outcome] = {}
+    to_measure: dict[str, Remeasure] = {}
     to_fetch: dict[str, LocalTarget | None] = {}  # insertion-ordered
     reused = 0
     for entry in entries:
         url = entry.url
-        if entry.rejected is not None or url in known or url in to_fetch:
+        if entry.rejected is not None or url in known or url in to_measure or url in to_fetch:
             continue
-        image = journal.get(url)
-        if image is not None and image.stamp == (local_stamp(entry.local) if entry.local else ""):
+        stamp = local_stamp(entry.local) if entry.local else ""
+        image = journalled.get(url)
+        if image is not None and image.stamp == stamp:
             known[url] = Outcome(url, image)
             reused += 1
+        elif url in older and older[url].stamp == stamp:
+            to_measure[url] = older[url]
         else:
             to_fetch[url] = entry.local
 
+    with store:
+        measured = remeasure(to_measure, store, params)
+    journal.append([outcome.image for outcome in measured.values() if outcome.image is not None])
+    known.update(measured)
     engine = run_fetch_engine(list(to_fetch.items()), params, shards, stored)
     known.update(engine.outcomes)
     metadata_names = list(dict.fromkeys(name for source, _ in read for name in source.metadata_columns))
     table = build_table(entries, known, metadata_names)
     write_parquet(params.table, table)
-    return fetch_metrics(table, read, engine.requests, len(to_fetch), reused, engine.seconds)
+    return fetch_metrics(table, read, engine.requests, len(to_fetch), reused, len(to_measure), engine.seconds)
 
 
 def build_table(entries: list[Entry], outcomes: dict[str, Outcome], metadata_names: list[str]) -> pd.DataFrame:
@@ -63,16 +77,18 @@ def build_table(entries: list[Entry], outcomes: dict[str, Outcome], metadata_nam
         record = {"sha256": image.sha256 if image else None, "source": entry.source, "url": entry.url, "row": entry.row}
         record.update({name: entry.metadata.get(name) for name in metadata_names})
         if image is not None:
-            record.update(width=image.width, height=image.height, format=image.format, dpi=image.dpi, bytes=image.bytes)
+            record.update({column: getattr(image, column) for column in IMAGE_COLUMNS[:-2]})
         else:
-            record.update(width=None, height=None, format=None, dpi=None, bytes=None)
+            record.update(dict.fromkeys(IMAGE_COLUMNS[:-2]))
         record.update(status="failed" if image is None else "ok", reason=outcome.reason)
         records.append(record)
     columns = ["sha256", "source", "url", "row", *metadata_names, *IMAGE_COLUMNS]
     return pd.DataFrame.from_records(records, columns=columns).astype(DTYPES)
 
 
-def fetch_metrics(table: pd.DataFrame, read: list, requests: int, fetched: int, reused: int, seconds: float) -> dict:
+def fetch_metrics(
+    table: pd.DataFrame, read: list, requests: int, fetched: int, reused: int, remeasured: int, seconds: float
+) -> dict:
     ok = table[table["status"] == "ok"]
     distinct = ok.drop_duplicates("sha256")
     return {
@@ -86,6 +102,7 @@ def fetch_metrics(table: pd.DataFrame, read: list, requests: int, fetched: int, 
         "run": {
             "urls_fetched": fetched,
             "urls_reused": reused,
+            "urls_remeasured": remeasured,  # journalled under another recipe: measured again from the store
             "requests": requests,
             "seconds": round(seconds, 3),
             "images_per_s": round(fetched / seconds, 1) if seconds > 0 else 0.0,
