@@ -2,8 +2,8 @@
 
     python benchmarks/bench_curate.py [--images 500]
 
-Draws synthetic 600x900 JPEG posters (the dedupe benchmark's, about 80-140 KB each,
-cached under the system temp folder) into a shard store, writes a captions table for
+Draws synthetic 600x900 JPEG posters (the demo set's drawing code plus film grain,
+about 80-140 KB each as web posters are; cached under the system temp folder) into a shard store, writes a captions table for
 them, and runs ``python -m stages.curate`` twice in a fresh folder, as ``dvc repro``
 would: first with an empty embedding cache (every image decoded and embedded, the
 caption texts embedded, the plots drawn), then with other floors and ``top_k`` (the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -23,14 +24,43 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.bench_dedupe import HEIGHT, WIDTH, poster_store  # noqa: E402
+from postertune.store import ShardStore, ShardWriter, sha256_hex  # noqa: E402
+from scripts.make_demo_data import draw_poster, encode  # noqa: E402
 
 GENRES = ["thriller", "comedy", "drama", "anime", "science fiction", "horror"]
+WIDTH, HEIGHT = 600, 900
+
+
+def draw_batch(task: tuple[int, int]) -> list[bytes]:
+    start, stop = task
+    grain = np.random.default_rng(start).normal(0, 6, (HEIGHT * 2, WIDTH * 2, 1)).astype(np.float32)
+    posters = []
+    for index in range(start, stop):
+        img = np.asarray(draw_poster(index, WIDTH, HEIGHT, f"Poster {index}", grain=0), np.float32)
+        y, x = (index * 7919) % HEIGHT, (index * 104729) % WIDTH
+        noisy = np.clip(img + grain[y : y + HEIGHT, x : x + WIDTH], 0, 255).astype(np.uint8)
+        posters.append(encode(Image.fromarray(noisy, "RGB"), quality=85))
+    return posters
+
+
+def poster_store(count: int) -> ShardStore:
+    root = Path(tempfile.gettempdir()) / f"postertune-bench-posters-{count}"
+    if not (root / "complete").exists():
+        print(f"drawing {count} posters into {root} ...", file=sys.stderr)
+        tasks = [(start, min(start + 100, count)) for start in range(0, count, 100)]
+        with multiprocessing.Pool(len(os.sched_getaffinity(0))) as pool, ShardWriter(root, max_images=1000) as writer:
+            for batch in pool.imap(draw_batch, tasks):
+                for data in batch:
+                    writer.add(sha256_hex(data), data)
+        (root / "complete").touch()
+    return ShardStore(root)
 
 
 def captions_table(shas: list[str], path: Path) -> None:

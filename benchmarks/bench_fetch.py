@@ -8,7 +8,7 @@ times the fetch stage's ``run`` (sources, downloads, decode checks, shards, jour
 fresh store. The baseline, measured in the same run on the same images, is the guide's
 approach: a sequential loop that downloads each image with ``urllib`` and decodes it
 (once fully with Pillow, as a naive script would, and once with the same
-``inspect_image`` check the stage uses, to isolate the gain from concurrency).
+``image_facts`` check the stage uses, to isolate the gain from concurrency).
 """
 
 from __future__ import annotations
@@ -36,16 +36,16 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from postertune.fetch.params import FetchParams  # noqa: E402
 from postertune.fetch.run import run  # noqa: E402
-from postertune.imagesafe import inspect_image  # noqa: E402
+from postertune.imagefacts import image_facts  # noqa: E402
 from postertune.params import build  # noqa: E402
 from postertune.store import sha256_hex  # noqa: E402
 
 WIDTH, HEIGHT = 600, 900
 
 
-def draw_posters(task: tuple[int, int, int]) -> list[bytes]:
-    """Posters ``start`` .. ``stop`` - 1: a colour gradient, film grain and flat panels."""
-    start, stop, seed = task
+def draw_posters(task: tuple[int, int, int, int]) -> list[bytes]:
+    """Posters ``start`` .. ``stop`` - 1 (JPEG ``quality``): a colour gradient, film grain and flat panels."""
+    start, stop, seed, quality = task
     rng = np.random.default_rng([seed, start])
     grain = rng.normal(0, 1, (HEIGHT * 2, WIDTH * 2, 3)).astype(np.float32)
     y = np.linspace(0, 1, HEIGHT, dtype=np.float32)[:, None, None]
@@ -63,19 +63,20 @@ def draw_posters(task: tuple[int, int, int]) -> list[bytes]:
             size = rng.integers(20, 200, 2)
             draw.rectangle([x0, y0, x0 + int(size[0]), y0 + int(size[1])], fill=tuple(rng.integers(0, 256, 3).tolist()))
         buf = io.BytesIO()
-        image.save(buf, format="JPEG", quality=85)
+        image.save(buf, format="JPEG", quality=quality)
         posters.append(buf.getvalue())
     return posters
 
 
-def poster_folder(count: int, seed: int = 0) -> Path:
-    folder = Path(tempfile.gettempdir()) / f"postertune-bench-fetch-{count}-{seed}"
+def poster_folder(count: int, seed: int = 0, quality: int = 85) -> Path:
+    suffix = "" if quality == 85 else f"-q{quality}"
+    folder = Path(tempfile.gettempdir()) / f"postertune-bench-fetch-{count}-{seed}{suffix}"
     if len(list(folder.glob("*.jpg"))) == count:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    tasks = [(i, min(i + 100, count), seed) for i in range(0, count, 100)]
+    tasks = [(i, min(i + 100, count), seed, quality) for i in range(0, count, 100)]
     with multiprocessing.Pool() as pool:
-        for (start, _, _), posters in zip(tasks, pool.map(draw_posters, tasks), strict=True):
+        for (start, *_), posters in zip(tasks, pool.map(draw_posters, tasks), strict=True):
             for i, data in enumerate(posters, start):
                 (folder / f"{i:06d}.jpg").write_bytes(data)
     return folder
@@ -189,7 +190,7 @@ def main() -> None:
     baseline = "sequential urllib + full Pillow decode (baseline)"
     methods = {
         baseline: partial(naive_loop, urls, full_decode),
-        "sequential urllib + inspect_image (draft decode)": partial(naive_loop, urls, inspect_image),
+        "sequential urllib + image_facts (draft decode)": partial(naive_loop, urls, image_facts),
         f"fetch stage (run, {args.max_connections} conn, {args.max_connections_per_host}/host, "
         f"{args.decode_workers} decoders)": partial(fresh_stage_run, urls, overrides),
     }

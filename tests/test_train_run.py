@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from postertune.errors import PipelineError
 from postertune.models.single_file import UNET_PREFIX, unet_to_original
 from postertune.params import ParamError
+from postertune.train.packed import PackedTensors
 from postertune.train.params import load_train_params
 from postertune.train.run import run as train
 from tests.train_inputs import fresh_process_state, write_dataset, write_params
@@ -94,9 +95,11 @@ def test_training_a_few_posters_lowers_the_loss_and_writes_every_output(workdir)
     # samples logged as images every 20 steps, in the poster bucket
     images = sorted((workdir / "dvclive/train/plots/images/prompt-0").iterdir())
     assert [p.name for p in images] == ["0000020.png", "0000040.png"]
-    # latents for all 5 images; text embeddings cached once per training caption (nothing augmented)
-    assert len(list((workdir / "models/cache/latents").rglob("*.safetensors"))) == 5
-    assert len(list((workdir / "models/cache/text").rglob("*.safetensors"))) == 4
+    # latents for all 5 images; text embeddings cached once per training caption (nothing augmented);
+    # each cache one shard
+    (latents,), (texts,) = ((workdir / "models/cache" / kind).iterdir() for kind in ("latents", "text"))
+    assert len(PackedTensors(latents)) == 5 and len(PackedTensors(texts)) == 4
+    assert len(list((workdir / "models/cache").rglob("*.safetensors"))) == 2
     steps = sorted(p.name for p in (workdir / "models/checkpoints").glob("*/step-*"))
     assert steps == ["step-0000020", "step-0000040"]
 

@@ -136,7 +136,7 @@ def test_cached_latent_is_the_planned_crop_with_its_time_ids(tmp_path, tiny_vae)
         torch.testing.assert_close(latent, expected, rtol=1e-5, atol=1e-5)
         assert tuple(int(v) for v in time_ids) == crop.time_ids()
     flipped = [e for e in entries if e.crop.flipped]
-    assert len(flipped) == 2 and all(cache.path(e).is_file() for e in flipped)
+    assert len(flipped) == 2 and all(e.key in cache.packed for e in flipped)
 
 
 def tiny_model(cls, config: dict, seed: int):

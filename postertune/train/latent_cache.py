@@ -1,10 +1,11 @@
 """Latents encoded once and kept on disk, keyed by image, bucket, crop and VAE.
 
-A cached file holds the VAE latent of exactly one crop of one image and, as metadata,
-the micro-conditioning of that crop, so what the U-Net is told always matches what it
-sees. The folder is named by a fingerprint of the VAE weights, the encode dtype and the
-background transparent images are composited onto: a new VAE never reuses latents of the old one. Files are written atomically one by one, so
-an interrupted cache build resumes where it stopped.
+A cached entry holds the VAE latent of exactly one crop of one image and the
+micro-conditioning of that crop, so what the U-Net is told always matches what it sees.
+The folder is named by a fingerprint of the VAE weights, the encode dtype and the
+background transparent images are composited onto: a new VAE never reuses latents of the
+old one. Entries are packed into shards (``packed``) written atomically one by one, so an
+interrupted cache build resumes from its last finished shard.
 """
 
 from __future__ import annotations
@@ -16,16 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from postertune.atomic import atomic_path
 from postertune.errors import PipelineError
 from postertune.fingerprint import fingerprint_module
 from postertune.imagesafe import WHITE, ImageRejected, load_image
 from postertune.store import ShardStore
 from postertune.train.buckets import Crop
+from postertune.train.packed import MAX_BYTES, MAX_ENTRIES, PackedTensors
 
 CACHE_FORMAT = 2  # bump when the way pixels become latents changes (resampling, value range, EXIF orientation)
 
@@ -36,10 +35,10 @@ class LatentEntry:
     crop: Crop
 
     @property
-    def file_name(self) -> str:
+    def key(self) -> str:
         c = self.crop
         flip = "-flip" if c.flipped else ""
-        return f"{self.sha256[:2]}/{self.sha256}-{c.bucket.name}-{c.resized_width}x{c.resized_height}+{c.left}+{c.top}{flip}.safetensors"
+        return f"{self.sha256}-{c.bucket.name}-{c.resized_width}x{c.resized_height}+{c.left}+{c.top}{flip}"
 
 
 def vae_cache_id(vae: torch.nn.Module, dtype: torch.dtype, background: tuple[int, int, int] = WHITE) -> str:
@@ -47,26 +46,25 @@ def vae_cache_id(vae: torch.nn.Module, dtype: torch.dtype, background: tuple[int
 
 
 class LatentCache:
-    def __init__(self, root: Path, vae_id: str):
+    def __init__(self, root: Path, vae_id: str, shard_entries: int = MAX_ENTRIES, shard_bytes: int = MAX_BYTES):
         self.folder = Path(root) / "latents" / vae_id
-
-    def path(self, entry: LatentEntry) -> Path:
-        return self.folder / entry.file_name
+        self.packed = PackedTensors(self.folder, shard_entries, shard_bytes)
 
     def missing(self, entries: list[LatentEntry]) -> list[LatentEntry]:
-        return [e for e in dict.fromkeys(entries) if not self.path(e).is_file()]
+        """``entries`` (each once) not cached in an intact shard."""
+        unique = list(dict.fromkeys(entries))
+        absent = set(self.packed.missing(e.key for e in unique))
+        return [e for e in unique if e.key in absent]
 
     def load(self, entry: LatentEntry) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached latent and its time_ids (original_h, original_w, crop_top, crop_left, target_h, target_w)."""
-        with safe_open(self.path(entry), framework="pt") as f:
-            latent = f.get_tensor("latent")
-            time_ids = [int(v) for v in f.metadata()["time_ids"].split(",")]
-        return latent, torch.tensor(time_ids, dtype=torch.float32)
+        tensors = self.packed.get(entry.key)
+        return tensors["latent"], tensors["time_ids"].to(torch.float32)
 
-    def save(self, entry: LatentEntry, latent: torch.Tensor) -> None:
-        metadata = {"sha256": entry.sha256, "time_ids": ",".join(map(str, entry.crop.time_ids()))}
-        with atomic_path(self.path(entry)) as tmp:
-            save_file({"latent": latent.contiguous()}, str(tmp), metadata=metadata)
+    @staticmethod
+    def record(entry: LatentEntry, latent: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the cache keeps of ``entry``: its latent and the time_ids of its crop."""
+        return {"latent": latent, "time_ids": torch.tensor(entry.crop.time_ids(), dtype=torch.int64)}
 
     @torch.no_grad()
     def fill(
@@ -84,7 +82,10 @@ class LatentCache:
         param = next(vae.parameters())
         scale = vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        with tqdm(total=len(todo), desc="caching latents", unit="img", disable=not show_progress) as bar:
+        with (
+            tqdm(total=len(todo), desc="caching latents", unit="img", disable=not show_progress) as bar,
+            self.packed.writer() as writer,
+        ):
             for _, group in groupby(todo, key=lambda e: e.crop.bucket):
                 group = list(group)
                 for start in range(0, len(group), batch_size):
@@ -97,7 +98,7 @@ class LatentCache:
                                 f"image {entry.sha256}: the VAE gave NaN/inf latents (fp16 VAE overflow: "
                                 "use the fp16-fix VAE via train.vae or set train.no_half_vae: true)"
                             )
-                        self.save(entry, latent)
+                        writer.add(entry.key, self.record(entry, latent))
                     bar.update(len(chunk))
         return len(todo)
 

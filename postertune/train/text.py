@@ -1,7 +1,8 @@
 """A disk cache of caption encodings (``models.prompts``) for runs whose captions never change.
 
 When caption augmentation is on, captions differ from step to step and are encoded on
-the fly; otherwise each is encoded once.
+the fly; otherwise each is encoded once, keyed by the sha256 of the caption, and packed
+into shards (``packed``) in a folder named by the text encoders' fingerprint.
 """
 
 from __future__ import annotations
@@ -10,31 +11,36 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from postertune.atomic import atomic_path
 from postertune.models.prompts import PromptEncoder
+from postertune.train.packed import MAX_BYTES, MAX_ENTRIES, PackedTensors
+
+
+def caption_key(caption: str) -> str:
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()
 
 
 class TextCache:
-    def __init__(self, root: Path, encoder_id: str):
+    def __init__(self, root: Path, encoder_id: str, shard_entries: int = MAX_ENTRIES, shard_bytes: int = MAX_BYTES):
         self.folder = Path(root) / "text" / encoder_id
-
-    def path(self, caption: str) -> Path:
-        key = hashlib.sha256(caption.encode("utf-8")).hexdigest()
-        return self.folder / key[:2] / f"{key}.safetensors"
+        self.packed = PackedTensors(self.folder, shard_entries, shard_bytes)
 
     def load(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = load_file(self.path(caption))
+        tensors = self.packed.get(caption_key(caption))
         return tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
 
     def fill(self, captions: list[str], encode: PromptEncoder, batch_size: int, show_progress: bool = True) -> int:
-        todo = [c for c in dict.fromkeys(captions) if not self.path(c).is_file()]
-        for start in tqdm(range(0, len(todo), batch_size), desc="caching text embeddings", disable=not show_progress):
-            chunk = todo[start : start + batch_size]
-            embeds, pooled = encode(chunk)
-            for caption, e, p in zip(chunk, embeds.cpu(), pooled.cpu(), strict=True):
-                with atomic_path(self.path(caption)) as tmp:
-                    save_file({"prompt_embeds": e.contiguous(), "pooled_prompt_embeds": p.contiguous()}, str(tmp))
+        """Encode every caption not cached yet; returns how many were encoded."""
+        unique = list(dict.fromkeys(captions))
+        absent = set(self.packed.missing(caption_key(c) for c in unique))
+        todo = [c for c in unique if caption_key(c) in absent]
+        with self.packed.writer() as writer:
+            for start in tqdm(
+                range(0, len(todo), batch_size), desc="caching text embeddings", disable=not show_progress
+            ):
+                chunk = todo[start : start + batch_size]
+                embeds, pooled = encode(chunk)
+                for caption, e, p in zip(chunk, embeds, pooled, strict=True):
+                    writer.add(caption_key(caption), {"prompt_embeds": e, "pooled_prompt_embeds": p})
         return len(todo)
