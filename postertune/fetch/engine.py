@@ -85,7 +85,10 @@ def remeasure(images: dict[str, Remeasure], store: ShardStore, params: FetchPara
         return verify(Payload(url, data, stamp=image.stamp), params.max_pixels, params.background)
 
     with ThreadPoolExecutor(params.decode_workers, thread_name_prefix="decode") as decoders:
-        return {outcome.url: outcome for outcome in decoders.map(measure, images.items())}
+        measured = decoders.map(measure, images.items())
+        return {
+            o.url: o for o in tqdm(measured, total=len(images), desc="measure again", unit="img", disable=not images)
+        }
 
 
 class ShardPublisher:
