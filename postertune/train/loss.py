@@ -86,7 +86,7 @@ def elementwise_loss(
     if loss_type == "l2":
         return squared
     c = c.view(-1, *([1] * (squared.ndim - 1)))
-    root = (squared + c**2).sqrt() - c
+    root = squared / ((squared + c**2).sqrt() + c)  # √(r² + c²) − c, without cancellation near r = 0
     if loss_type == "huber":
         return 2 * c * root
     if loss_type == "smooth_l1":
