@@ -123,7 +123,7 @@ def merge_into_unet(params: LoraParams, merges: list[tuple[LoraFile, float]], ou
     unet_dir = params.unet if params.merge_into == "finetuned" else None
     pipe = load_pipeline(params.base, unet_dir)
     changed = merge_loras(pipe.unet, merges)
-    save_unet(pipe.unet, out / MERGED_UNET, params.save_precision)
+    save_unet(pipe.unet, out / MERGED_UNET, params.save_precision, pipe.scheduler)
     save_single_file(
         out / MERGED_FILE, pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, params.save_precision
     )

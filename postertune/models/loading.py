@@ -2,7 +2,8 @@
 
 The train stage loads its components with ``load_components`` and writes two folders:
 
-- ``models/unet/`` (``save_unet``): the fine-tuned U-Net, diffusers format, safetensors.
+- ``models/unet/`` (``save_unet``): the fine-tuned U-Net, diffusers format, safetensors, with
+  the sampler config of the noise schedule it was trained for (``models/schedule.py``).
 - ``models/base/`` (``save_base_folder``): the base the U-Net belongs with. For the tiny
   demo model it is a full diffusers folder (a few MB). For real weights, which already sit
   in the hub cache or in a local file, it is a pointer, ``base.json``, naming the
@@ -10,7 +11,7 @@ The train stage loads its components with ``load_components`` and writes two fol
   be waste. Relative paths in it are relative to the repository root, where stages run.
 
 Sample and evaluate then call ``load_pipeline("models/base", "models/unet")``, which reads
-either form; a full folder also loads with plain
+either form, and samples with the U-Net's own schedule; a full folder also loads with plain
 ``StableDiffusionXLPipeline.from_pretrained("models/base", unet=...)``.
 
 Only safetensors weights are loaded. Nothing here downloads unless the environment allows
@@ -39,6 +40,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from postertune.atomic import atomic_dir, write_json
 from postertune.errors import PipelineError
 from postertune.models.precision import Precision, cast_state_dict
+from postertune.models.schedule import use_unet_schedule
 from postertune.models.sources import TINY, ModelSource, SourceKind, source_kind
 from postertune.models.tiny import build_tiny_pipeline
 from postertune.params import build
@@ -117,11 +119,15 @@ def load_pipeline(
     cache_dir: Path | None = None,
 ) -> StableDiffusionXLPipeline:
     """The inference pipeline of a saved base (full folder or ``base.json`` pointer) or of a
-    source as ``load_components`` takes it, with the U-Net from ``unet_dir`` if given."""
+    source as ``load_components`` takes it, with the U-Net from ``unet_dir`` if given (and
+    the noise schedule saved with it)."""
     pointer = Path(base_dir_or_source) / POINTER_FILE
     source = read_pointer(pointer) if pointer.is_file() else ModelSource(base=str(base_dir_or_source))
-    unet = load_unet(unet_dir, dtype) if unet_dir is not None else None
-    return pipeline_from_source(source, dtype=dtype, unet=unet, cache_dir=cache_dir)
+    if unet_dir is None:
+        return pipeline_from_source(source, dtype=dtype, cache_dir=cache_dir)
+    pipe = pipeline_from_source(source, dtype=dtype, unet=load_unet(unet_dir, dtype), cache_dir=cache_dir)
+    use_unet_schedule(pipe, unet_dir)
+    return pipe
 
 
 def pipeline_from_source(
@@ -189,14 +195,19 @@ def load_unet(unet_dir: Path | str, dtype: torch.dtype = torch.float32) -> UNet2
         raise PipelineError(f"unet {unet_dir}: cannot load: {_first_line(exc)}") from None
 
 
-def save_unet(unet: UNet2DConditionModel, folder: Path | str, precision: Precision) -> Path:
-    """Write ``unet`` as a diffusers folder (config + safetensors) in ``precision``, atomically.
+def save_unet(
+    unet: UNet2DConditionModel, folder: Path | str, precision: Precision, schedule: SchedulerMixin | None = None
+) -> Path:
+    """Write ``unet`` as a diffusers folder (config + safetensors) in ``precision``, atomically;
+    with ``schedule``, also the sampler config it is to be sampled with (``scheduler_config.json``).
 
     The model itself is not cast. Pass the plain model, not one wrapped for distributed
     training or compiled.
     """
     with atomic_dir(folder) as tmp:
         unet.save_config(tmp)
+        if schedule is not None:
+            schedule.save_config(tmp)
         save_file(cast_state_dict(unet.state_dict(), precision), tmp / UNET_WEIGHTS, metadata={"format": "pt"})
     return Path(folder)
 

@@ -10,13 +10,15 @@ from postertune.fingerprint import fingerprint_files, fingerprint_json
 from postertune.models.loading import load_pipeline, load_unet, pipeline_from_source
 from postertune.models.lora import check_loras, merge_loras
 from postertune.models.precision import Precision, torch_dtype
+from postertune.models.schedule import unet_schedule, use_unet_schedule
 from postertune.models.sources import ModelSource, validate_model_source
 from postertune.params import ParamError
-from postertune.sample.params import SampledModel
+from postertune.sample.params import SampledModel, SchedulerName
+from postertune.sample.schedulers import check_sampler
 
 
-def check_models(models: list[SampledModel]) -> None:
-    """Every source a model names can be loaded from, before anything loads."""
+def check_models(models: list[SampledModel], scheduler: SchedulerName) -> None:
+    """Every source a model names can be loaded from, and sampled with ``scheduler``, before anything loads."""
     for i, model in enumerate(models):
         where = f"sample.models[{i}]"
         validate_model_source(f"{where}.base", model.base)
@@ -29,6 +31,8 @@ def check_models(models: list[SampledModel]) -> None:
         if model.unet is not None and not (model.unet / "config.json").is_file():
             what = "is not a diffusers U-Net folder (no config.json)" if model.unet.is_dir() else "does not exist"
             raise ParamError(f"{where}.unet", f"{model.unet} {what}")
+        if model.unet is not None and (schedule := unet_schedule(model.unet)) is not None:
+            check_sampler(scheduler, schedule, model.name)
         for j, lora in enumerate(model.loras):
             if not lora.path.is_file():
                 raise ParamError(f"{where}.loras[{j}].path", f"{lora.path} does not exist")
@@ -72,6 +76,8 @@ def load_model(model: SampledModel, precision: Precision, device: str) -> Stable
         unet = load_unet(model.unet, dtype) if model.unet is not None else None
         source = ModelSource(base=model.base, single_file_config=model.single_file_config)
         pipe = pipeline_from_source(source, dtype=dtype, unet=unet)
+        if model.unet is not None:
+            use_unet_schedule(pipe, model.unet)
     if model.loras:
         merge_loras(pipe.unet, check_loras([(lora.path, lora.weight) for lora in model.loras], pipe.unet))
     pipe.set_progress_bar_config(disable=True)

@@ -27,7 +27,7 @@ from postertune.models.tokenizer import clip_tokenizer
 from postertune.sample.grid import make_grid
 from postertune.sample.manifest import file_sha256, read_manifest, write_manifest
 from postertune.sample.models import load_model
-from postertune.sample.params import SampleParams
+from postertune.sample.params import SampledModel, SampleParams
 from postertune.sample.prompts import Prompt, combine_negative
 from postertune.sample.schedulers import make_scheduler
 
@@ -124,6 +124,13 @@ def _png(image: Image.Image, job: Job) -> bytes:
     return buffer.getvalue()
 
 
+def model_pipeline(model: SampledModel, params: SampleParams) -> StableDiffusionXLPipeline:
+    """``model`` loaded to render with the named sampler on its own noise schedule."""
+    pipe = load_model(model, params.precision, params.torch_device)
+    pipe.scheduler = make_scheduler(params.scheduler, pipe.scheduler.config, model.name)
+    return pipe
+
+
 def render_one(pipe: StableDiffusionXLPipeline, job: Job, params: SampleParams) -> Image.Image:
     return render(
         pipe,
@@ -135,6 +142,7 @@ def render_one(pipe: StableDiffusionXLPipeline, job: Job, params: SampleParams) 
         params.width,
         params.height,
         params.max_token_length,
+        guidance_rescale=params.guidance_rescale,
     )
 
 
@@ -159,8 +167,7 @@ def render_jobs(jobs: list[Job], params: SampleParams) -> RenderResult:
     started = time.monotonic()
     with tqdm(total=len(todo), desc="sample", unit="image") as bar:
         for name in dict.fromkeys(job.model for job in todo):
-            pipe = load_model(sources[name], params.precision, params.torch_device)
-            pipe.scheduler = make_scheduler(params.scheduler, pipe.scheduler.config)
+            pipe = model_pipeline(sources[name], params)
             for job in (j for j in todo if j.model == name):
                 data = _png(render_one(pipe, job, params), job)
                 write_bytes(output / job.path, data)

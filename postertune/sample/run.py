@@ -45,7 +45,7 @@ def run(params: SampleParams) -> dict:
 
 def sample(params: SampleParams) -> SampleReport:
     """Check every input first, then render what is missing and redraw the grids."""
-    check_models(params.models)
+    check_models(params.models, params.scheduler)
     presets = load_presets(params.negative_presets)
     check_preset_names(params.negative, presets, "param sample.negative")
     prompts = select_prompts(load_prompts(params.prompts, presets), params.prompt_ids, "param sample.prompt_ids")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -71,6 +71,7 @@ class SamplingParams:
     seed: int = 0
     steps: Annotated[int, AtLeastOne] = 4
     guidance_scale: Annotated[float, NonNegative] = 5.0
+    guidance_rescale: Annotated[float, Fraction] = 0.0  # for v_prediction with zero terminal SNR, e.g. 0.7
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,28 @@ class TrainParams:
     lr_scheduler_args: dict[str, Any] = field(default_factory=dict)
     max_grad_norm: Annotated[float, NonNegative] = 1.0
     fused_backward_pass: bool = False
+    # the recipe: noise, timesteps, loss and prediction (README "Train recipe knobs")
     noise_offset: Annotated[float, NonNegative] = 0.0357
+    multires_noise_iterations: Annotated[int, NonNegative] = 0  # pyramid noise scales; 0: plain noise
+    multires_noise_discount: Annotated[float, Bounds(gt=0, le=1)] = 0.3  # weight of scale i: discount**i
+    input_perturbation: Annotated[float, NonNegative] = 0.0  # γ: noised with noise + γ·N(0, 1), target unchanged
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0  # logit_normal: t = sigmoid(N(logit_mean, logit_std)) over min…max_timestep
+    logit_std: Annotated[float, Bounds(gt=0)] = 1.0
+    timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = "none"
+    timestep_bias_multiplier: Annotated[float, Bounds(gt=0)] = 1.0  # probability factor of the biased steps
+    timestep_bias_portion: Annotated[float, Bounds(gt=0, le=1)] = 0.25  # earlier/later: share of the range
+    timestep_bias_begin: Timestep = 0  # range: the biased steps are begin … end - 1
+    timestep_bias_end: Annotated[int, Bounds(ge=1, le=1000)] = 1000
+    min_timestep: Timestep = 0  # every strategy draws from min_timestep … max_timestep - 1
+    max_timestep: Annotated[int, Bounds(ge=1, le=1000)] = 1000
     snr_gamma: Annotated[float, Bounds(gt=0)] | None = 5.0  # null: no min-SNR weighting
+    debiased_estimation_loss: bool = False  # weight 1/√SNR instead of min-SNR (snr_gamma: null)
+    loss_type: Literal["l2", "huber", "smooth_l1"] = "l2"
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"  # huber_c over the timesteps
+    huber_c: Annotated[float, Bounds(gt=0, le=1)] = 0.1
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR: the last step is pure noise (v_prediction only)
     # precision and speed
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     save_precision: Literal["float", "fp16", "bf16"] = "float"
@@ -144,6 +165,9 @@ class TrainParams:
         self._check_buckets()
         self._check_optimizer()
         self._check_scheduler()
+        self._check_timesteps()
+        self._check_loss()
+        self._check_noise()
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise Invalid("full_bf16", "needs mixed_precision bf16")
         if self.max_train_steps > OVERFIT_STEPS:
@@ -201,6 +225,56 @@ class TrainParams:
             raise Invalid("lr_scheduler_args.step_rules", "required by piecewise_constant, e.g. '1:10,0.1'")
         if self.lr_warmup_steps and self.lr_scheduler in ("constant", "piecewise_constant", "adafactor"):
             raise Invalid("lr_warmup_steps", f"{self.lr_scheduler} does not warm up; use constant_with_warmup")
+
+    def _check_timesteps(self) -> None:
+        if self.min_timestep >= self.max_timestep:
+            raise Invalid("max_timestep", f"must be above min_timestep ({self.min_timestep})")
+        if self.timestep_sampling != "logit_normal":
+            self._unused(("logit_mean", "logit_std"), "applies to timestep_sampling logit_normal only")
+        strategy = self.timestep_bias_strategy
+        if strategy == "none":
+            self._unused(("timestep_bias_multiplier",), "applies with a timestep_bias_strategy only")
+        elif self.timestep_bias_multiplier == 1.0:
+            raise Invalid(
+                "timestep_bias_multiplier", "1.0 changes nothing: above 1 favours the biased steps, below 1 avoids them"
+            )
+        if strategy not in ("earlier", "later"):
+            self._unused(("timestep_bias_portion",), "applies to timestep_bias_strategy earlier or later only")
+        if strategy != "range":
+            self._unused(("timestep_bias_begin", "timestep_bias_end"), "applies to timestep_bias_strategy range only")
+        else:
+            allowed = (self.min_timestep, self.max_timestep)
+            if not allowed[0] <= self.timestep_bias_begin < self.timestep_bias_end <= allowed[1]:
+                raise Invalid(
+                    "timestep_bias_begin",
+                    f"begin … end must be a non-empty part of min_timestep … max_timestep ({allowed[0]} … {allowed[1]})",
+                )
+            if (self.timestep_bias_begin, self.timestep_bias_end) == allowed:
+                raise Invalid("timestep_bias_begin", "begin … end covers every step drawn, which biases nothing")
+        if strategy in ("earlier", "later") and self.timestep_bias_portion == 1.0:
+            raise Invalid("timestep_bias_portion", "1 covers every step drawn, which biases nothing")
+
+    def _check_loss(self) -> None:
+        if self.debiased_estimation_loss and self.snr_gamma is not None:
+            raise Invalid("debiased_estimation_loss", "replaces min-SNR weighting: set snr_gamma: null")
+        if self.loss_type == "l2":
+            self._unused(("huber_schedule", "huber_c"), "applies to loss_type huber or smooth_l1 only")
+        if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
+            raise Invalid(
+                "rescale_betas_zero_snr",
+                "needs prediction_type v_prediction (at zero SNR the noise says nothing about the image)",
+            )
+
+    def _check_noise(self) -> None:
+        if not self.multires_noise_iterations:
+            self._unused(("multires_noise_discount",), "applies with multires_noise_iterations above 0 only")
+
+    def _unused(self, names: tuple[str, ...], why: str) -> None:
+        """A knob set away from its default where the recipe ignores it is a mistake, not a no-op."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in names:
+            if getattr(self, name) != defaults[name]:
+                raise Invalid(name, why)
 
     @property
     def augments_captions(self) -> bool:

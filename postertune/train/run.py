@@ -25,11 +25,22 @@ from postertune.train.buckets import make_buckets, nearest_bucket
 from postertune.train.checkpoint import Checkpoints
 from postertune.train.data import BucketBatchSampler, TrainDataset, collate
 from postertune.train.ema import UNetEMA
+from postertune.train.loss import LossRecipe
+from postertune.train.noise import NoiseRecipe
 from postertune.train.optim import check_optimizer_args, fuse_into_backward, make_lr_scheduler, make_optimizer
 from postertune.train.params import TrainParams
 from postertune.train.sampling import SampleSpec, sample_images
-from postertune.train.setup import Caches, Inputs, check_inputs, fill_caches, make_accelerator, place_models
+from postertune.train.setup import (
+    Caches,
+    Inputs,
+    check_inputs,
+    fill_caches,
+    make_accelerator,
+    place_models,
+    set_schedule,
+)
 from postertune.train.step import StepConfig, to_device, training_step
+from postertune.train.timesteps import TimestepSampler
 from postertune.train.tracking import TrainLog
 from postertune.train.validation import build_validation_batches, validation_loss
 
@@ -49,6 +60,7 @@ def run(params: TrainParams) -> dict | None:
     main, device = accelerator.is_main_process, accelerator.device
 
     components = load_components(params.base, params.vae, seed=TINY_BASE_SEED)
+    set_schedule(params, components)
     vae_dtype = place_models(params, components, device)
     caches = fill_caches(params, inputs, components, vae_dtype, accelerator)
     unet, noise_scheduler = components.unet, components.noise_scheduler
@@ -89,7 +101,9 @@ def run(params: TrainParams) -> dict | None:
         params.seed,
     )
     tracker = TrainLog(LIVE_DIR, start_step if latest is not None else None, main)
-    step_config = StepConfig(params.snr_gamma, params.max_grad_norm, params.fused_backward_pass, params.channels_last)
+    step_config = StepConfig(
+        LossRecipe.from_params(params), params.max_grad_norm, params.fused_backward_pass, params.channels_last
+    )
 
     def evaluate(step: int) -> float | None:
         if not validation:
@@ -195,7 +209,13 @@ def make_loader(
     )
     sampler.start = start_step * params.gradient_accumulation_steps
     dataset = TrainDataset(
-        inputs.train, plans, caches.latents, caches.texts, caches.policy, params.noise_offset, num_train_timesteps
+        inputs.train,
+        plans,
+        caches.latents,
+        caches.texts,
+        caches.policy,
+        NoiseRecipe.from_params(params),
+        TimestepSampler(params, num_train_timesteps),
     )
     return torch.utils.data.DataLoader(
         dataset,
@@ -238,6 +258,7 @@ def sample_spec(params: TrainParams) -> SampleSpec:
         params.samples.seed,
         params.samples.steps,
         params.samples.guidance_scale,
+        params.samples.guidance_rescale,
         size.width,
         size.height,
         params.max_token_length,
@@ -261,7 +282,7 @@ def save_outputs(params: TrainParams, components: SDXLComponents, unet, ema: UNe
     if ema is not None:
         ema.copy_to(list(unet.parameters()))
     out = params.output_dir
-    save_unet(unet, out / "unet", params.save_precision)
+    save_unet(unet, out / "unet", params.save_precision, components.scheduler)
     save_single_file(
         out / "sdxl-poster.safetensors",
         unet,

@@ -18,6 +18,7 @@ class SampleSpec:
     seed: int
     steps: int
     guidance_scale: float
+    guidance_rescale: float
     width: int
     height: int
     max_token_length: int
@@ -40,5 +41,6 @@ def sample_images(components: SDXLComponents, unet, spec: SampleSpec) -> dict[st
             spec.width,
             spec.height,
             spec.max_token_length,
+            guidance_rescale=spec.guidance_rescale,
         )
     return images

@@ -1,7 +1,9 @@
-"""Before the first step: check params and data, start accelerate, place the models, fill the caches."""
+"""Before the first step: check params and data, start accelerate, set the noise schedule, place the
+models, fill the caches."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +13,7 @@ from accelerate.utils import DistributedType
 from postertune.models.loading import SDXLComponents
 from postertune.models.precision import compute_dtype
 from postertune.models.prompts import PromptEncoder
+from postertune.models.schedule import inference_scheduler, training_scheduler
 from postertune.models.sources import validate_model_source
 from postertune.params import ParamError
 from postertune.store import ShardStore
@@ -19,6 +22,8 @@ from postertune.train.data import Example, plan_entries, read_examples, split_va
 from postertune.train.latent_cache import LatentCache, LatentEntry, vae_cache_id
 from postertune.train.params import TrainParams, check_runtime
 from postertune.train.text import TextCache
+
+log = logging.getLogger(__name__)
 
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
@@ -60,6 +65,21 @@ def make_accelerator(params: TrainParams) -> Accelerator:
         if params.samples.every_n_steps:
             raise ParamError("train.samples.every_n_steps", "must be 0 with sharded training (FSDP, DeepSpeed)")
     return accelerator
+
+
+def set_schedule(params: TrainParams, components: SDXLComponents) -> None:
+    """Train (and sample during training) with the recipe's prediction type and noise schedule."""
+    base = components.noise_scheduler.config
+    wanted = (params.prediction_type, params.rescale_betas_zero_snr)
+    if (base.prediction_type, base.get("rescale_betas_zero_snr", False)) != wanted:
+        log.warning(
+            "the base predicts %s (zero terminal SNR: %s); this run retrains it to predict %s (zero terminal SNR: %s)",
+            base.prediction_type,
+            base.get("rescale_betas_zero_snr", False),
+            *wanted,
+        )
+    components.noise_scheduler = training_scheduler(base, *wanted)
+    components.scheduler = inference_scheduler(components.scheduler, *wanted)
 
 
 def place_models(params: TrainParams, components: SDXLComponents, device: torch.device) -> torch.dtype:

@@ -13,31 +13,36 @@ import torch
 from accelerate import Accelerator
 
 from postertune.errors import PipelineError
-from postertune.train.loss import diffusion_loss, diffusion_target
+from postertune.train.loss import LossRecipe, diffusion_loss, diffusion_target
 
 BATCH_TENSORS = ("latent", "noise", "timestep", "time_ids", "prompt_embeds", "pooled_prompt_embeds")
+OPTIONAL_TENSORS = ("input_noise",)  # under input perturbation only
+IMAGE_TENSORS = ("latent", "noise", "input_noise")  # channels-last when the U-Net is
 
 
 @dataclass(frozen=True)
 class StepConfig:
-    snr_gamma: float | None = None
+    loss: LossRecipe = LossRecipe()
     max_grad_norm: float = 0.0
     fused_backward_pass: bool = False  # the optimizer already stepped inside backward
     channels_last: bool = False
 
 
 def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
-    moved = {k: batch[k].to(device, non_blocking=True) for k in BATCH_TENSORS}
+    keys = BATCH_TENSORS + tuple(k for k in OPTIONAL_TENSORS if k in batch)
+    moved = {k: batch[k].to(device, non_blocking=True) for k in keys}
     if channels_last:
-        moved["latent"] = moved["latent"].contiguous(memory_format=torch.channels_last)
-        moved["noise"] = moved["noise"].contiguous(memory_format=torch.channels_last)
+        for key in IMAGE_TENSORS:
+            if key in moved:
+                moved[key] = moved[key].contiguous(memory_format=torch.channels_last)
     return moved
 
 
 def denoise(unet, batch: dict, noise_scheduler) -> tuple[torch.Tensor, torch.Tensor]:
-    """The U-Net's prediction for the noised latents, and what it should have predicted."""
+    """The U-Net's prediction for the noised latents, and what it should have predicted (from
+    ``noise``, also when the latents were noised with a perturbed ``input_noise``)."""
     latents, noise, timesteps = batch["latent"], batch["noise"], batch["timestep"]
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy = noise_scheduler.add_noise(latents, batch.get("input_noise", noise), timesteps)
     prediction = unet(
         noisy,
         timesteps,
@@ -67,7 +72,7 @@ def training_step(
     with accelerator.accumulate(unet):
         with accelerator.autocast():
             prediction, target = denoise(unet, batch, noise_scheduler)
-        loss = diffusion_loss(prediction, target, batch["timestep"], noise_scheduler, config.snr_gamma)
+        loss = diffusion_loss(prediction, target, batch["timestep"], noise_scheduler, config.loss)
         mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
         if not math.isfinite(mean_loss):
             raise PipelineError(
