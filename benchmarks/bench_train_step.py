@@ -427,7 +427,7 @@ def measure(variant: Variant, size: Size, device: torch.device, args) -> dict:
             )
             lr_scheduler = get_scheduler("constant", optimizer)
             if method.fused_backward_pass:
-                hooks = fuse_into_backward(optimizer, unet.parameters())
+                hooks = fuse_into_backward(optimizer)
             unet, optimizer = accelerator.prepare(unet, optimizer)
             config = StepConfig(LossRecipe(SNR_GAMMA), method.max_grad_norm, method.fused_backward_pass)
             batches = [

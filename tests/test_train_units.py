@@ -433,7 +433,7 @@ def test_fused_adafactor_in_backward_equals_adafactor_after_backward():
         plain.zero_grad(set_to_none=True)
 
     fused = FusedAdafactor(fused_unet.parameters(), **args)
-    handles = fuse_into_backward(fused, fused_unet.parameters())
+    handles = fuse_into_backward(fused)
     for batch in inputs:
         loss_of(fused_unet, *batch).backward()
         assert all(p.grad is None for p in fused_unet.parameters())  # freed as soon as used

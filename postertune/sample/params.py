@@ -34,6 +34,7 @@ class SampledModel:
     name: str
     base: str
     unet: Path | None = None  # a diffusers U-Net folder that replaces the base's U-Net
+    text_encoders: Path | None = None  # trained encoders as train writes them: each one there replaces the base's
     single_file_config: str | None = None  # single file only: a diffusers folder or hub id with its configs
     loras: list[LoraWeight] = field(default_factory=list)  # merged into the U-Net, in order
 

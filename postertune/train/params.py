@@ -16,13 +16,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from postertune.params import Bounds, Colour, Invalid, MultipleOf, ParamError, section
+from postertune.models.ldm_keys import SDXL_UNET_BLOCKS
+from postertune.models.sources import TINY
+from postertune.params import Bounds, Colour, Invalid, MultipleOf, NotEmpty, ParamError, section
 
 log = logging.getLogger(__name__)
 
 OVERFIT_STEPS = 5000  # the guide (after EMU): fine-tunes past ~5k steps over-fit and lose generality
 
-Optimizer = Literal["AdamW", "AdamW8bit", "Adafactor"]
+Optimizer = Literal["AdamW", "AdamW8bit", "Adafactor", "Prodigy"]
+PRODIGY_RATES = (0.1, 10.0)  # Prodigy estimates its own step size; learning_rate only scales it, about 1.0
 LRScheduler = Literal[
     "linear",
     "cosine",
@@ -91,7 +94,7 @@ class TrainParams:
     captions: Path = Path("data/curated/images.parquet")  # the curate stage's table (all captioned when off)
     shards: Path = Path("data/raw/shards")
     cache_dir: Path = Path("models/cache")  # latents and text embeddings, reused across runs
-    output_dir: Path = Path("models")  # base/, unet/, sdxl-poster.safetensors, checkpoints/
+    output_dir: Path = Path("models")  # base/, unet/, text_encoders/, sdxl-poster.safetensors, checkpoints/
     max_image_pixels: Annotated[int, AtLeastOne] = 50_000_000
     background: Colour = (255, 255, 255)  # transparent posters are composited onto this RGB colour
     # buckets and crops
@@ -122,6 +125,12 @@ class TrainParams:
     lr_scheduler_args: dict[str, Any] = field(default_factory=dict)
     max_grad_norm: Annotated[float, NonNegative] = 1.0
     fused_backward_pass: bool = False
+    # parameter groups (kohya-ss): U-Net blocks at multiples of learning_rate, text encoders at rates of their own
+    block_lr: Annotated[list[Annotated[float, NonNegative]], NotEmpty()] | None = None  # null: one rate; 0: frozen
+    train_text_encoder: bool = False
+    learning_rate_te1: Annotated[float, NonNegative] | None = None  # null: learning_rate; 0: encoder 1 frozen
+    learning_rate_te2: Annotated[float, NonNegative] | None = None  # null: learning_rate; 0: encoder 2 frozen
+    cache_text_encoder_outputs: bool | None = None  # null: when captions never change and the encoders are frozen
     # the recipe: noise, timesteps, loss and prediction (README "Train recipe knobs")
     noise_offset: Annotated[float, NonNegative] = 0.0357
     multires_noise_iterations: Annotated[int, NonNegative] = 0  # pyramid noise scales; 0: plain noise
@@ -164,6 +173,7 @@ class TrainParams:
     def __post_init__(self) -> None:
         self._check_buckets()
         self._check_optimizer()
+        self._check_groups()
         self._check_scheduler()
         self._check_timesteps()
         self._check_loss()
@@ -214,6 +224,54 @@ class TrainParams:
                 )
             if self.mixed_precision == "fp16":
                 raise Invalid("fused_backward_pass", "does not work with fp16 loss scaling; use bf16")
+
+    def _check_groups(self) -> None:
+        if self.optimizer == "Prodigy" and self.learning_rate is not None:
+            low, high = PRODIGY_RATES
+            if not low <= self.learning_rate <= high:
+                log.warning(
+                    "train.learning_rate=%g with Prodigy: it scales Prodigy's own step-size estimate, "
+                    "usually 1.0 (%g to %g); the estimate already adapts to the model",
+                    self.learning_rate,
+                    low,
+                    high,
+                )
+        # Prodigy shares one step-size estimate between its groups: each trains at the one rate or not at all
+        same_rate = "Prodigy takes one learning rate for every group"
+        if self.block_lr is not None:
+            if self.learning_rate is None:
+                raise Invalid("block_lr", "multiplies train.learning_rate, which Adafactor's relative_step leaves null")
+            if not any(self.block_lr):
+                raise Invalid("block_lr", "every multiplier is 0: the U-Net would not train")
+            if self.base == TINY and len(self.block_lr) != SDXL_UNET_BLOCKS:
+                count = len(self.block_lr)
+                raise Invalid("block_lr", f"needs {SDXL_UNET_BLOCKS} multipliers for the tiny U-Net, got {count}")
+            if self.optimizer == "Prodigy" and set(self.block_lr) - {0, 1}:
+                raise Invalid("block_lr", f"{same_rate}: multipliers 0 (frozen) or 1 only")
+        for name in ("learning_rate_te1", "learning_rate_te2"):
+            rate = getattr(self, name)
+            if rate is None:
+                continue
+            if not self.train_text_encoder:
+                raise Invalid(name, "is for train_text_encoder: true")
+            if self.learning_rate is None and rate:
+                raise Invalid(name, "Adafactor's relative_step sizes every step itself: null (or 0 to keep it frozen)")
+            if self.optimizer == "Prodigy" and rate not in (0, self.learning_rate):
+                raise Invalid(name, f"{same_rate}: null, 0 or train.learning_rate")
+        if self.train_text_encoder and not self.text_encoder_rates:
+            raise Invalid("train_text_encoder", "learning_rate_te1 and learning_rate_te2 are both 0: no encoder trains")
+        if self.cache_text_encoder_outputs:
+            if self.train_text_encoder:
+                raise Invalid(
+                    "cache_text_encoder_outputs",
+                    "must not be true with train_text_encoder: trained encoders change their outputs at every step",
+                )
+            if self.augments_captions:
+                raise Invalid(
+                    "cache_text_encoder_outputs",
+                    "must not be true while captions change between steps "
+                    "(shuffle_caption, caption_dropout_rate, long_caption_ratio)",
+                )
 
     def _check_scheduler(self) -> None:
         accepted = SCHEDULER_ARGS.get(self.lr_scheduler, set())
@@ -280,6 +338,22 @@ class TrainParams:
     def augments_captions(self) -> bool:
         """Whether a caption can differ between steps (then text embeddings cannot be cached)."""
         return self.shuffle_caption or self.caption_dropout_rate > 0 or 0.0 < self.long_caption_ratio < 1.0
+
+    @property
+    def text_encoder_rates(self) -> dict[str, float | None]:
+        """The learning rate of each text encoder that trains, by pipeline component name (kohya-ss:
+        a null rate is ``learning_rate``, 0 keeps that encoder frozen)."""
+        if not self.train_text_encoder:
+            return {}
+        rates = {"text_encoder": self.learning_rate_te1, "text_encoder_2": self.learning_rate_te2}
+        return {name: self.learning_rate if rate is None else rate for name, rate in rates.items() if rate != 0}
+
+    @property
+    def caches_text(self) -> bool:
+        """Whether caption encodings are computed once and cached, rather than at every step."""
+        if self.cache_text_encoder_outputs is not None:
+            return self.cache_text_encoder_outputs
+        return not (self.augments_captions or self.train_text_encoder)
 
     def identity(self) -> dict[str, Any]:
         """The params that shape the trained weights: a checkpoint resumes only when these match.

@@ -20,11 +20,14 @@ from tqdm.auto import tqdm
 
 from postertune.fingerprint import fingerprint_json, fingerprint_module
 from postertune.models.loading import SDXLComponents, load_components, save_base_folder, save_unet
+from postertune.models.prompts import PromptEncoder
 from postertune.models.single_file import save_single_file
+from postertune.models.text_encoders import save_text_encoders
 from postertune.train.buckets import make_buckets, nearest_bucket
 from postertune.train.checkpoint import Checkpoints
 from postertune.train.data import BucketBatchSampler, TrainDataset, collate
 from postertune.train.ema import UNetEMA
+from postertune.train.groups import logged_rates, param_groups, unfreeze_text_encoders
 from postertune.train.loss import LossRecipe
 from postertune.train.noise import NoiseRecipe
 from postertune.train.optim import check_optimizer_args, fuse_into_backward, make_lr_scheduler, make_optimizer
@@ -39,7 +42,7 @@ from postertune.train.setup import (
     place_models,
     set_schedule,
 )
-from postertune.train.step import StepConfig, to_device, training_step
+from postertune.train.step import StepConfig, TextTraining, to_device, training_step
 from postertune.train.timesteps import TimestepSampler
 from postertune.train.tracking import TrainLog
 from postertune.train.validation import build_validation_batches, validation_loss
@@ -62,6 +65,8 @@ def run(params: TrainParams) -> dict | None:
     components = load_components(params.base, params.vae, seed=TINY_BASE_SEED)
     set_schedule(params, components)
     vae_dtype = place_models(params, components, device)
+    text_encoders = unfreeze_text_encoders(params, components)
+    groups = param_groups(params, components.unet, text_encoders)
     caches = fill_caches(params, inputs, components, vae_dtype, accelerator)
     unet, noise_scheduler = components.unet, components.noise_scheduler
     global_batch = params.batch_size * accelerator.num_processes * params.gradient_accumulation_steps
@@ -70,14 +75,15 @@ def run(params: TrainParams) -> dict | None:
         params.output_dir / "checkpoints", fingerprint_json(identity), params.checkpoints.total_limit
     )
 
-    optimizer = make_optimizer(params, unet.parameters())
+    optimizer = make_optimizer(params, groups)
     lr_scheduler = make_lr_scheduler(params, optimizer)
     ema = None
     if params.use_ema:
         ema = UNetEMA(unet, params.ema_decay, torch.device("cpu") if params.ema_device == "cpu" else device)
     if params.fused_backward_pass:
-        fuse_into_backward(optimizer, unet.parameters())
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+        fuse_into_backward(optimizer)
+    unet, optimizer, *prepared = accelerator.prepare(unet, optimizer, *text_encoders.values())
+    text = text_training(params, components, dict(zip(text_encoders, prepared, strict=True)))
     accelerator.register_for_checkpointing(lr_scheduler)
     if ema is not None:
         accelerator.register_for_checkpointing(ema.model)
@@ -91,15 +97,19 @@ def run(params: TrainParams) -> dict | None:
     start_step = state["step"]
 
     loader = make_loader(params, inputs, caches, accelerator, noise_scheduler.config.num_train_timesteps, start_step)
-    validation = build_validation_batches(
-        inputs.validation,
-        caches.plans[len(inputs.train) :],
-        caches.latents,
-        caches.encode,
-        caches.policy,
-        params.validation.timesteps,
-        params.seed,
-    )
+
+    def validation_batches() -> list[dict]:
+        return build_validation_batches(
+            inputs.validation,
+            caches.plans[len(inputs.train) :],
+            caches.latents,
+            caches.encode,
+            caches.policy,
+            params.validation.timesteps,
+            params.seed,
+        )
+
+    validation = validation_batches()
     tracker = TrainLog(LIVE_DIR, start_step if latest is not None else None, main)
     step_config = StepConfig(
         LossRecipe.from_params(params), params.max_grad_norm, params.fused_backward_pass, params.channels_last
@@ -108,7 +118,9 @@ def run(params: TrainParams) -> dict | None:
     def evaluate(step: int) -> float | None:
         if not validation:
             return None
-        value = validation_loss(unet, validation, noise_scheduler, accelerator)
+        # while the encoders train, the captions' encodings change
+        batches = validation if text is None else validation_batches()
+        value = validation_loss(unet, batches, noise_scheduler, accelerator)
         tracker.metrics(step, {"val/loss": value})
         return value
 
@@ -131,10 +143,10 @@ def run(params: TrainParams) -> dict | None:
         losses = []
         for _ in range(params.gradient_accumulation_steps):  # the last micro-batch updates the weights
             batch = next(batches)
-            if "captions" in batch:
+            if "captions" in batch and text is None:
                 batch["prompt_embeds"], batch["pooled_prompt_embeds"] = caches.encode(batch.pop("captions"))
             batch = to_device(batch, device, params.channels_last)
-            result = training_step(batch, unet, noise_scheduler, optimizer, accelerator, step_config, step + 1)
+            result = training_step(batch, unet, noise_scheduler, optimizer, accelerator, step_config, step + 1, text)
             losses.append(result.loss)
         if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps that overflowed
             lr_scheduler.step()
@@ -147,7 +159,7 @@ def run(params: TrainParams) -> dict | None:
         state = {"step": step, "images_seen": state["images_seen"] + global_batch, "train_loss": train_loss}
         metrics = {
             "train/loss": train_loss,
-            "train/lr": lr_scheduler.get_last_lr()[0],
+            **logged_rates(params, optimizer.param_groups, lr_scheduler.get_last_lr()),
             "train/images_per_s": images_this_run / busy_seconds,
             "train/peak_memory_mb": peak_memory_mb(device),
         }
@@ -181,7 +193,7 @@ def run(params: TrainParams) -> dict | None:
         "images_seen": state["images_seen"],
         "images_per_s": images_this_run / busy_seconds if busy_seconds else 0.0,
         "peak_memory_mb": peak_memory_mb(device),
-        "trainable_params": sum(p.numel() for p in final.parameters()),
+        "trainable_params": sum(p.numel() for group in groups for p in group["params"]),
     }
     if state["train_loss"] is not None:
         metrics["train_loss"] = state["train_loss"]
@@ -224,6 +236,23 @@ def make_loader(
         num_workers=params.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
+
+
+def text_training(
+    params: TrainParams, components: SDXLComponents, prepared: dict[str, torch.nn.Module]
+) -> TextTraining | None:
+    """Caption encoding inside each step, through the prepared encoders, when any encoder trains."""
+    if not prepared:
+        return None
+    encoders = {name: prepared.get(name, getattr(components, name)) for name in ("text_encoder", "text_encoder_2")}
+    encode = PromptEncoder(
+        components.tokenizer,
+        components.tokenizer_2,
+        encoders["text_encoder"],
+        encoders["text_encoder_2"],
+        params.max_token_length,
+    )
+    return TextTraining(encode, tuple(prepared.values()))
 
 
 def run_identity(
@@ -278,7 +307,8 @@ def final_unet(accelerator: Accelerator, unet) -> UNet2DConditionModel:
 
 
 def save_outputs(params: TrainParams, components: SDXLComponents, unet, ema: UNetEMA | None) -> None:
-    """``models/unet`` (diffusers), the single-file checkpoint, and ``models/base`` for sampling."""
+    """``models/unet`` (diffusers), the single-file checkpoint, ``models/text_encoders`` (the encoders
+    that trained, if any) and ``models/base`` for sampling."""
     if ema is not None:
         ema.copy_to(list(unet.parameters()))
     out = params.output_dir
@@ -289,6 +319,11 @@ def save_outputs(params: TrainParams, components: SDXLComponents, unet, ema: UNe
         components.vae,
         components.text_encoder,
         components.text_encoder_2,
+        params.save_precision,
+    )
+    save_text_encoders(
+        out / "text_encoders",
+        {name: getattr(components, name) for name in params.text_encoder_rates},
         params.save_precision,
     )
     save_base_folder(components.source, out / "base")

@@ -26,6 +26,7 @@ from postertune.train.text import TextCache
 log = logging.getLogger(__name__)
 
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ def make_accelerator(params: TrainParams) -> Accelerator:
             raise ParamError("train.use_ema", "not available with sharded training (FSDP, DeepSpeed)")
         if params.samples.every_n_steps:
             raise ParamError("train.samples.every_n_steps", "must be 0 with sharded training (FSDP, DeepSpeed)")
+        for name in ("train_text_encoder", "block_lr"):
+            if getattr(params, name):
+                raise ParamError(f"train.{name}", "not available with sharded training (FSDP, DeepSpeed)")
     return accelerator
 
 
@@ -143,7 +147,9 @@ def fill_caches(
     )
     policy = CaptionPolicy.from_params(params)
     texts = None
-    if not params.augments_captions:
+    if params.train_text_encoder and show:
+        log.info("text encoders train: captions are encoded at every step, not cached")
+    if params.caches_text:
         texts = TextCache(params.cache_dir, encode.cache_id)
         captions = [policy.fixed(e.caption, e.caption_long) for e in inputs.train]
         texts.fill(captions[share], encode, params.batch_size, show)
