@@ -1,5 +1,6 @@
 """Data-parallel training: two CPU processes under ``accelerate launch`` (gloo) train the same
-weights as one process with the same global batch.
+weights as one process with the same global batch, the U-Net alone or with per-block rates and
+both text encoders.
 
 By hand, on a machine without GPUs: ``accelerate launch --multi_gpu --num_processes 2 -m stages.train``
 (``--cpu`` would start a single process; the stage itself asks accelerate for the CPU).
@@ -40,6 +41,7 @@ RECIPE = dict(
     # sign depends on summation order. A larger eps leaves real gradients alone and noise tiny.
     optimizer_args={"eps": 1.0e-6},
 )
+BLOCKS_AND_TEXT = dict(block_lr=[1.0] * 22 + [0.5], train_text_encoder=True, learning_rate_te1=5e-4)
 
 
 def free_port() -> int:
@@ -64,12 +66,13 @@ def launch_two_processes(folder: Path) -> dict:
 
 
 @pytest.mark.usefixtures(fresh_process_state.__name__)
-def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, BLOCKS_AND_TEXT], ids=["unet", "blocks-and-text-encoders"])
+def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_path, monkeypatch, extra):
     one, two = tmp_path / "one", tmp_path / "two"
     for folder, batch in ((one, 4), (two, 2)):
         folder.mkdir()
         write_dataset(folder, SIZES)
-        write_params(folder, batch_size=batch, **RECIPE)
+        write_params(folder, batch_size=batch, **RECIPE, **extra)
 
     double = launch_two_processes(two)
     monkeypatch.chdir(one)
@@ -88,3 +91,9 @@ def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_p
     difference = sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5
     update = sum((a[k] - base[k]).norm() ** 2 for k in a) ** 0.5
     assert difference < 1e-3 * update
+    encoders = sorted(p.relative_to(one) for p in (one / "models/text_encoders").glob("*/model.safetensors"))
+    assert len(encoders) == (2 if extra else 0)
+    for path in encoders:  # gradients of the text encoders are averaged across processes too
+        a, b = load_file(one / path), load_file(two / path)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=5e-5, msg=f"{path}: {key}")
