@@ -15,10 +15,9 @@ from diffusers import UNet2DConditionModel
 
 from postertune.models.ldm_keys import rename, unet_block, unet_blocks, unet_prefix_map
 from postertune.models.loading import SDXLComponents
+from postertune.models.text_encoders import TEXT_ENCODERS
 from postertune.params import ParamError
 from postertune.train.params import TrainParams
-
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def unet_block_parameters(unet: UNet2DConditionModel) -> dict[str, list[torch.nn.Parameter]]:

@@ -22,7 +22,7 @@ from postertune.fingerprint import fingerprint_json, fingerprint_module
 from postertune.models.loading import SDXLComponents, load_components, save_base_folder, save_unet
 from postertune.models.prompts import PromptEncoder
 from postertune.models.single_file import save_single_file
-from postertune.models.text_encoders import save_text_encoders
+from postertune.models.text_encoders import TEXT_ENCODERS, save_text_encoders
 from postertune.train.buckets import make_buckets, nearest_bucket
 from postertune.train.checkpoint import Checkpoints
 from postertune.train.data import BucketBatchSampler, TrainDataset, collate
@@ -244,7 +244,7 @@ def text_training(
     """Caption encoding inside each step, through the prepared encoders, when any encoder trains."""
     if not prepared:
         return None
-    encoders = {name: prepared.get(name, getattr(components, name)) for name in ("text_encoder", "text_encoder_2")}
+    encoders = {name: prepared.get(name, getattr(components, name)) for name in TEXT_ENCODERS}
     encode = PromptEncoder(
         components.tokenizer,
         components.tokenizer_2,

@@ -26,7 +26,6 @@ from postertune.train.text import TextCache
 log = logging.getLogger(__name__)
 
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
