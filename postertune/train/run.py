@@ -8,7 +8,6 @@ from a checkpoint continues exactly where the interrupted run was.
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from pathlib import Path
 
@@ -19,16 +18,40 @@ from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from postertune.fingerprint import fingerprint_json, fingerprint_module
-from postertune.models.loading import SDXLComponents, load_components, save_base_folder, save_unet
+from postertune.memory import PhaseMemory
+from postertune.models.loading import (
+    SDXLComponents,
+    load_components,
+    pipeline_from_source,
+    save_base_folder,
+    save_unet,
+)
+from postertune.models.precision import torch_dtype
 from postertune.models.single_file import save_single_file
+from postertune.models.sources import ModelSource
 from postertune.train.buckets import make_buckets, nearest_bucket
 from postertune.train.checkpoint import Checkpoints
 from postertune.train.data import BucketBatchSampler, TrainDataset, collate
 from postertune.train.ema import UNetEMA
-from postertune.train.optim import check_optimizer_args, fuse_into_backward, make_lr_scheduler, make_optimizer
+from postertune.train.optim import (
+    check_optimizer_args,
+    fuse_into_backward,
+    make_lr_scheduler,
+    make_optimizer,
+    release_optimizer_state,
+)
 from postertune.train.params import TrainParams
-from postertune.train.sampling import SampleSpec, sample_images
-from postertune.train.setup import Caches, Inputs, check_inputs, fill_caches, make_accelerator, place_models
+from postertune.train.sampling import SampleSpec, frozen_on, sample_images
+from postertune.train.setup import (
+    Caches,
+    Inputs,
+    check_inputs,
+    component_dtypes,
+    fill_caches,
+    make_accelerator,
+    place_models,
+    release_frozen,
+)
 from postertune.train.step import StepConfig, to_device, training_step
 from postertune.train.tracking import TrainLog
 from postertune.train.validation import build_validation_batches, validation_loss
@@ -47,17 +70,32 @@ def run(params: TrainParams) -> dict | None:
     inputs = check_inputs(params)
     accelerator = make_accelerator(params)
     main, device = accelerator.is_main_process, accelerator.device
+    memory = PhaseMemory(device)
 
-    components = load_components(params.base, params.vae, seed=TINY_BASE_SEED)
-    vae_dtype = place_models(params, components, device)
-    caches = fill_caches(params, inputs, components, vae_dtype, accelerator)
+    memory.start("load")
+    components = load_components(params.base, params.vae, seed=TINY_BASE_SEED, dtype=component_dtypes(params))
+    place_models(params, components, device)
+
+    memory.start("cache")
+    caches = fill_caches(params, inputs, components, accelerator)
     unet, noise_scheduler = components.unet, components.noise_scheduler
     global_batch = params.batch_size * accelerator.num_processes * params.gradient_accumulation_steps
     identity = run_identity(params, inputs, components, caches, global_batch)
     checkpoints = Checkpoints(
         params.output_dir / "checkpoints", fingerprint_json(identity), params.checkpoints.total_limit
     )
+    validation = build_validation_batches(
+        inputs.validation,
+        caches.plans[len(inputs.train) :],
+        caches.latents,
+        caches.encode,
+        caches.policy,
+        params.validation.timesteps,
+        params.seed,
+    )
+    caches = release_frozen(params, components, caches)
 
+    memory.start("train")
     optimizer = make_optimizer(params, unet.parameters())
     lr_scheduler = make_lr_scheduler(params, optimizer)
     ema = None
@@ -79,15 +117,6 @@ def run(params: TrainParams) -> dict | None:
     start_step = state["step"]
 
     loader = make_loader(params, inputs, caches, accelerator, noise_scheduler.config.num_train_timesteps, start_step)
-    validation = build_validation_batches(
-        inputs.validation,
-        caches.plans[len(inputs.train) :],
-        caches.latents,
-        caches.encode,
-        caches.policy,
-        params.validation.timesteps,
-        params.seed,
-    )
     tracker = TrainLog(LIVE_DIR, start_step if latest is not None else None, main)
     step_config = StepConfig(params.snr_gamma, params.max_grad_norm, params.fused_backward_pass, params.channels_last)
 
@@ -100,10 +129,8 @@ def run(params: TrainParams) -> dict | None:
 
     def sample(step: int) -> None:
         if main and params.samples.prompts:
-            components.vae.to(device)
-            with accelerator.autocast():
+            with frozen_on(components, device), accelerator.autocast():
                 images = sample_images(components, accelerator.unwrap_model(unet), sample_spec(params))
-            components.vae.to("cpu")
             tracker.images(step, images)
         accelerator.wait_for_everyone()
 
@@ -135,7 +162,7 @@ def run(params: TrainParams) -> dict | None:
             "train/loss": train_loss,
             "train/lr": lr_scheduler.get_last_lr()[0],
             "train/images_per_s": images_this_run / busy_seconds,
-            "train/peak_memory_mb": peak_memory_mb(device),
+            "train/peak_memory_mb": memory.peak_mb(),
         }
         if result.grad_norm is not None:
             metrics["train/grad_norm"] = result.grad_norm
@@ -150,24 +177,32 @@ def run(params: TrainParams) -> dict | None:
             checkpoints.save(accelerator, state, identity)
             saved_step = step
     progress.close()
-
-    if step != saved_step:
-        checkpoints.save(accelerator, state, identity)
     if val_step != step or val_loss is None:
         val_loss = evaluate(step)
     tracker.close()
+
+    memory.start("checkpoint")
+    if step != saved_step:
+        checkpoints.save(accelerator, state, identity)
+
+    memory.start("save")
     final = final_unet(accelerator, unet)
+    release_optimizer_state(optimizer, unet.parameters())
+    if ema is not None:
+        ema.move_to(list(final.parameters()))
+    components.vae = components.text_encoder = components.text_encoder_2 = caches = None  # reloaded to be written
     if main:
-        save_outputs(params, components, final, ema)
+        save_outputs(params, components.source, final)
     accelerator.wait_for_everyone()
+    memory.stop()
     if not main:
         return None
     metrics = {
         "steps": step,
         "images_seen": state["images_seen"],
         "images_per_s": images_this_run / busy_seconds if busy_seconds else 0.0,
-        "peak_memory_mb": peak_memory_mb(device),
         "trainable_params": sum(p.numel() for p in final.parameters()),
+        **memory.metrics(),
     }
     if state["train_loss"] is not None:
         metrics["train_loss"] = state["train_loss"]
@@ -220,13 +255,6 @@ def run_identity(
     }
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory, or on a CPU run the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def sample_spec(params: TrainParams) -> SampleSpec:
     buckets = make_buckets(
         params.resolution, params.bucket_step, params.min_bucket_reso, params.max_bucket_reso, params.max_aspect_ratio
@@ -256,18 +284,23 @@ def final_unet(accelerator: Accelerator, unet) -> UNet2DConditionModel:
     return gathered
 
 
-def save_outputs(params: TrainParams, components: SDXLComponents, unet, ema: UNetEMA | None) -> None:
-    """``models/unet`` (diffusers), the single-file checkpoint, and ``models/base`` for sampling."""
-    if ema is not None:
-        ema.copy_to(list(unet.parameters()))
+def save_outputs(params: TrainParams, source: ModelSource, unet: UNet2DConditionModel) -> None:
+    """``models/unet`` (diffusers), the single-file checkpoint, and ``models/base`` for sampling.
+
+    Each file is written one tensor at a time. The single file's VAE and text encoders are
+    loaded again, in the save precision, from the base: what it carries is the base's own
+    weights, whatever dtype training held them in.
+    """
     out = params.output_dir
     save_unet(unet, out / "unet", params.save_precision)
+    frozen = pipeline_from_source(source, dtype=torch_dtype(params.save_precision), unet=unet)
     save_single_file(
         out / "sdxl-poster.safetensors",
         unet,
-        components.vae,
-        components.text_encoder,
-        components.text_encoder_2,
+        frozen.vae,
+        frozen.text_encoder,
+        frozen.text_encoder_2,
         params.save_precision,
     )
-    save_base_folder(components.source, out / "base")
+    del frozen
+    save_base_folder(source, out / "base")
