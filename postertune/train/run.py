@@ -7,6 +7,7 @@ from a checkpoint continues exactly where the interrupted run was.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
@@ -191,6 +192,7 @@ def run(params: TrainParams) -> dict | None:
     if ema is not None:
         ema.move_to(list(final.parameters()))
     components.vae = components.text_encoder = components.text_encoder_2 = caches = None  # reloaded to be written
+    gc.collect()  # modules in reference cycles would otherwise wait for the collector
     if main:
         save_outputs(params, components.source, final)
     accelerator.wait_for_everyone()
