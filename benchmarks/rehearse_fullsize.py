@@ -271,7 +271,8 @@ def predict(train_metrics: dict, shapes: dict, batch: int, resolution: int) -> d
                     else ""
                 )
                 + f" + gradient {largest:,} x {master_bytes} B = {terms['gradient_one_tensor'] / GIB:.2f}"
-                + f" + Adafactor {terms['adafactor_state'] / GIB:.2f}"
+                + f" + Adafactor {state:,} x 4 B + {ADAFACTOR_TEMPORARIES} x {largest:,} x 4 B"
+                + f" = {terms['adafactor_state'] / GIB:.2f}"
                 + f" + text encoders {text:,} x 2 B = {terms['text_encoders_bf16'] / GIB:.2f}"
                 + f" + activations {per_image * scale / GIB:.3f} x {predicted_batch} = {terms['activations'] / GIB:.2f}"
                 + f" = {total / GIB:.2f} GiB"

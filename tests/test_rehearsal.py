@@ -12,24 +12,44 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import UNet2DConditionModel
+from dvc.utils.hydra import compose_and_dump
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from benchmarks.random_sdxl import MAX_SHARD_BYTES, build_base, random_weights, sdxl_on_meta, shards
 from benchmarks.rehearse_fullsize import (
     PHASES,
+    RESOLUTION,
     STAGES,
     adafactor_state_values,
     demo_values,
     overrides,
     set_args,
 )
+from postertune.caption.params import CaptionParams
+from postertune.curate.params import CurateParams
+from postertune.evaluate.params import EvaluateParams
+from postertune.fetch.params import FetchParams
+from postertune.lora.params import LoraParams
 from postertune.models.loading import load_components
 from postertune.models.tiny import tiny_unet_config
+from postertune.params import build
+from postertune.sample.params import SampleParams
 from postertune.train.optim import FusedAdafactor
+from postertune.train.params import TrainParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SDXL_UNET_PARAMS = 2_567_463_684
+SECTIONS = {
+    "fetch": FetchParams,
+    "caption": CaptionParams,
+    "curate": CurateParams,
+    "train": TrainParams,
+    "lora": LoraParams,
+    "sample": SampleParams,
+    "evaluate": EvaluateParams,
+}
 
 
 def test_random_base_at_the_real_configs_has_sdxls_parameters_and_fits_in_shards():
@@ -90,6 +110,22 @@ def test_overrides_parse_back_to_their_values():
     assert {o.key_or_group: o.value() for o in parsed} == values
     assert values["fetch.sources"][0]["url_prefix"] == "file:data/demo/posters"
     assert values["caption.captioners"] == ["metadata"] and values["evaluate.clip_model"] == "tiny"
+
+
+@pytest.mark.parametrize("size", ["sdxl", "tiny"])
+def test_overrides_compose_into_valid_params_that_keep_the_profiles_recipe(tmp_path, size):
+    values = {"profile": "sdxl", **demo_values(), **overrides(tmp_path, RESOLUTION[size])}
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(ROOT / "conf"), None, "config", "", set_args(values)[1::2])
+    params = yaml.safe_load(out.read_text())
+    for name, cls in SECTIONS.items():
+        build(cls, params[name], name)
+
+    train, sdxl = params["train"], yaml.safe_load((ROOT / "conf/profile/sdxl.yaml").read_text())["train"]
+    assert (train["base"], train["vae"], train["max_train_steps"]) == (str(tmp_path), None, 2)
+    for key in ("optimizer", "optimizer_args", "fused_backward_pass", "gradient_checkpointing", "batch_size"):
+        assert train[key] == sdxl[key], key
+    assert params["fetch"]["source_dir"] == "data/demo" and params["caption"]["captioners"] == ["metadata"]
 
 
 @pytest.mark.slow
