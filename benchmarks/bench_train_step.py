@@ -380,7 +380,7 @@ def build_unet(size: Size, method: Method, checkpointing: bool, device: torch.de
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel(**size.unet)
-    if method.step == "postertune":  # train/setup.py place_models
+    if method.step == "postertune":  # train/setup.py: component_dtypes, place_models
         unet.requires_grad_(True).train()
         if method.full_bf16:
             unet.to(dtype=torch.bfloat16)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from safetensors.torch import save_file
 
 from postertune.atomic import atomic_dir
-from postertune.models.precision import Precision, cast_state_dict
+from postertune.models.precision import Precision
+from postertune.models.safetensors_writer import cast_when_written, write_safetensors
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 WEIGHTS = "model.safetensors"
@@ -27,7 +27,9 @@ def save_text_encoders(folder: Path | str, encoders: dict[str, torch.nn.Module],
         for name, encoder in encoders.items():
             (tmp / name).mkdir()
             encoder.config.save_pretrained(tmp / name)
-            save_file(cast_state_dict(encoder.state_dict(), precision), tmp / name / WEIGHTS, metadata={"format": "pt"})
+            write_safetensors(
+                tmp / name / WEIGHTS, cast_when_written(encoder.state_dict(), precision), {"format": "pt"}
+            )
     return Path(folder)
 
 

@@ -87,6 +87,13 @@ def fuse_into_backward(optimizer: FusedAdafactor) -> list:
     return [p.register_post_accumulate_grad_hook(step_and_free) for p in optimizer.group_position]
 
 
+def release_optimizer_state(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Free the optimizer's per-weight state and the gradients once no step follows (before saving)."""
+    optimizer.state.clear()
+    for param in parameters:
+        param.grad = None
+
+
 def check_optimizer_args(params: TrainParams) -> None:
     """Build the optimizer and schedule on a stand-in weight, so bad names and values fail before
     any model loads."""

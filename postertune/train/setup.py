@@ -4,7 +4,7 @@ models, fill the caches."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
@@ -85,26 +85,31 @@ def set_schedule(params: TrainParams, components: SDXLComponents) -> None:
     components.scheduler = inference_scheduler(components.scheduler, *wanted)
 
 
-def place_models(params: TrainParams, components: SDXLComponents, device: torch.device) -> torch.dtype:
-    """Freeze and place the VAE and text encoders; make every U-Net weight trainable. Returns the VAE dtype."""
-    weight_dtype = compute_dtype(params.mixed_precision)
-    vae_dtype = torch.float32 if params.no_half_vae else weight_dtype
-    for frozen, dtype in (
-        (components.vae, vae_dtype),
-        (components.text_encoder, weight_dtype),
-        (components.text_encoder_2, weight_dtype),
-    ):
+def component_dtypes(params: TrainParams) -> dict[str, torch.dtype]:
+    """The dtype each component trains or computes in, so that each loads in it directly: the frozen
+    VAE and text encoders in half precision under mixed precision (the VAE in float32 with
+    ``no_half_vae``), the U-Net and any text encoder that trains in float32 master weights (bf16
+    with ``full_bf16``)."""
+    frozen = compute_dtype(params.mixed_precision)
+    master = torch.bfloat16 if params.full_bf16 else torch.float32
+    return {
+        "unet": master,
+        "vae": torch.float32 if params.no_half_vae else frozen,
+        **{name: master for name in params.text_encoder_rates},  # text encoders that train
+        "default": frozen,  # the frozen text encoders
+    }
+
+
+def place_models(params: TrainParams, components: SDXLComponents, device: torch.device) -> None:
+    """Freeze and place the VAE and text encoders; make every U-Net weight trainable."""
+    for frozen in (components.vae, components.text_encoder, components.text_encoder_2):
         frozen.requires_grad_(False).eval().to(device)
-        if frozen.dtype != dtype:
-            frozen.to(dtype=dtype)
     unet = components.unet
     # a bucket side must survive the VAE's and then the U-Net's downsamplings without remainder
     multiple = 2 ** (len(components.vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
     if params.bucket_step % multiple:
         raise ParamError("train.bucket_step", f"must be a multiple of {multiple} for this VAE and U-Net")
     unet.requires_grad_(True).train()
-    if params.full_bf16:
-        unet.to(dtype=torch.bfloat16)
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if params.channels_last:
@@ -112,7 +117,6 @@ def place_models(params: TrainParams, components: SDXLComponents, device: torch.
     unet.to(device)
     if not all(p.requires_grad for p in unet.parameters()):
         raise AssertionError("every U-Net parameter must train")
-    return vae_dtype
 
 
 @dataclass(frozen=True)
@@ -120,18 +124,16 @@ class Caches:
     plans: list[list[LatentEntry]]  # per example (train, then validation): its cached crops
     latents: LatentCache
     texts: TextCache | None  # None when captions change from step to step
-    encode: PromptEncoder
+    encode: PromptEncoder | None  # None once the text encoders are freed (``release_frozen``)
     policy: CaptionPolicy
 
 
-def fill_caches(
-    params: TrainParams, inputs: Inputs, components: SDXLComponents, vae_dtype: torch.dtype, accelerator: Accelerator
-) -> Caches:
-    """Encode what is not cached yet, each process a share; then free the accelerator of the VAE."""
+def fill_caches(params: TrainParams, inputs: Inputs, components: SDXLComponents, accelerator: Accelerator) -> Caches:
+    """Encode what is not cached yet, each process a share."""
     share = slice(accelerator.process_index, None, accelerator.num_processes)
     show = accelerator.is_main_process
     plans = plan_entries(inputs.train + inputs.validation, params)
-    latents = LatentCache(params.cache_dir, vae_cache_id(components.vae, vae_dtype, params.background))
+    latents = LatentCache(params.cache_dir, vae_cache_id(components.vae, components.vae.dtype, params.background))
     entries = [entry for plan in plans for entry in plan]
     with ShardStore(params.shards) as store:
         latents.fill(
@@ -153,5 +155,26 @@ def fill_caches(
         captions = [policy.fixed(e.caption, e.caption_long) for e in inputs.train]
         texts.fill(captions[share], encode, params.batch_size, show)
     accelerator.wait_for_everyone()
-    components.vae.to("cpu")  # only sampling needs it again
     return Caches(plans, latents, texts, encode, policy)
+
+
+def release_frozen(params: TrainParams, components: SDXLComponents, caches: Caches) -> Caches:
+    """Once the caches are filled, keep the VAE and text encoders only where a later step uses them.
+
+    Text encoders stay on the device when captions change from step to step (each step encodes
+    its own); the VAE, and text encoders needed only for training-time samples, wait on the CPU
+    (``sampling.frozen_on``); the rest are freed. The final save reloads what it writes.
+    """
+    sampling = bool(params.samples.every_n_steps and params.samples.prompts)
+    if sampling:
+        components.vae.to("cpu")
+    else:
+        components.vae = None
+    if caches.texts is None:
+        return caches
+    if sampling:
+        components.text_encoder.to("cpu")
+        components.text_encoder_2.to("cpu")
+        return caches
+    components.text_encoder = components.text_encoder_2 = None
+    return replace(caches, encode=None)
