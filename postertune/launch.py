@@ -47,11 +47,18 @@ def relaunch(stage: str) -> None:
 
 
 def relaunched(stage: str, run: Callable[[P], R]) -> Callable[[P], R]:
-    """``run``, preceded by ``relaunch(stage)``: what a stage module hands ``run_stage``."""
+    """``run``, preceded by ``relaunch(stage)``: what a stage module hands ``run_stage``.
+    A launched process leaves the process group once ``run`` is done."""
 
     def relaunch_or_run(params: P) -> R:
         relaunch(stage)
-        return run(params)
+        result = run(params)
+        if "torch" in sys.modules:  # a process group needs torch; a stage that never loaded it has none
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        return result
 
     return relaunch_or_run
 
@@ -82,12 +89,17 @@ class Processes:
             PartialState().wait_for_everyone()
 
     def share(self, items: Sequence[T]) -> list[T]:
-        """This process's contiguous block of ``items``, the blocks differing in size by one at
-        most. It waits first, so that no process lists its items after another began writing."""
+        """This process's ``block`` of ``items``. It waits first, so that no process lists its
+        items after another began writing."""
         self.wait()
-        size, extra = divmod(len(items), self.count)
-        start = self.index * size + min(self.index, extra)
-        return list(items[start : start + size + (self.index < extra)])
+        return block(items, self.index, self.count)
+
+
+def block(items: Sequence[T], index: int, count: int) -> list[T]:
+    """Block ``index`` of ``count`` contiguous blocks of ``items``, their sizes differing by one at most."""
+    size, extra = divmod(len(items), count)
+    start = index * size + min(index, extra)
+    return list(items[start : start + size + (index < extra)])
 
 
 ONE_PROCESS = Processes()

@@ -72,6 +72,8 @@ def evaluate(params: EvaluateParams) -> EvaluateReport | None:
             )
     if not processes.main:
         return None
+    if embed.reused:
+        print(f"evaluate: {embed.reused} image embeddings reused from the parts of a killed launch")
     head = load_aesthetic_head(params.aesthetic_head, clip.embed_dim, params.seed, params.torch_device)
     scores = score_samples(samples, images, clip, head, params.batch_size)
 

@@ -33,6 +33,7 @@ class Embedder:
         self.params = params
         self.processes = processes
         self.parts = params.output / PARTS_DIR
+        self.reused = 0  # images whose embeddings an earlier, killed launch left in parts
 
     def __call__(
         self, keys: Sequence, load: Callable[[object], Image.Image], identity: Callable[[object], object], desc: str
@@ -45,7 +46,9 @@ class Embedder:
         model = clip_fingerprint(self.params)
         groups = list(batches(keys, size))
         paths = [self._part(model, [identity(k) for k in group]) for group in groups]
-        todo = self.processes.share([i for i, path in enumerate(paths) if not path.exists()])
+        missing = [i for i, path in enumerate(paths) if not path.exists()]
+        self.reused += len(keys) - sum(len(groups[i]) for i in missing)
+        todo = self.processes.share(missing)
         with tqdm(total=sum(len(groups[i]) for i in todo), desc=desc, unit="image") as bar:
             for i in todo:
                 embeddings = self.clip.encode_images([load(k) for k in groups[i]])
