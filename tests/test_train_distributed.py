@@ -9,24 +9,19 @@ By hand, on a machine without GPUs: ``accelerate launch --multi_gpu --num_proces
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from postertune.train.params import load_train_params
 from postertune.train.run import run as train
+from tests.launching import launch
 from tests.train_inputs import fresh_process_state, write_dataset, write_params
 
 pytestmark = pytest.mark.slow
 
-PROJECT = Path(__file__).resolve().parents[1]
 SIZES = [(200, 300), (300, 300), (200, 300), (300, 300), (200, 300), (300, 300)]
 RECIPE = dict(
     max_train_steps=4,
@@ -44,24 +39,10 @@ RECIPE = dict(
 BLOCKS_AND_TEXT = dict(block_lr=[1.0] * 22 + [0.5], train_text_encoder=True, learning_rate_te1=5e-4)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_two_processes(folder: Path) -> dict:
     """The stage re-launched by itself under ``accelerate launch`` with the shipped multi-GPU config,
     two processes: on a machine without CUDA they are CPU workers on the gloo backend."""
-    config = yaml.safe_load((PROJECT / "configs/accelerate/multi_gpu.yaml").read_text())
-    config.update(num_processes=2, main_process_port=free_port())
-    (folder / "accelerate.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env["POSTERTUNE_ACCELERATE_CONFIG"] = "accelerate.yaml"
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.train"], cwd=folder, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch("train", folder)
     return json.loads((folder / "metrics/train.json").read_text())
 
 
