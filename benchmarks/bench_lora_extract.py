@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_train_step import SDXL_UNET_CONFIG  # noqa: E402
+from postertune.models.sdxl_configs import SDXL_UNET  # noqa: E402
 
 SDXL_PARAMETERS = 2_567_463_684
 SHARD_BYTES = 2 * 1024**3
@@ -45,7 +45,7 @@ def write_unets(workdir: Path, seed: int = 0) -> tuple[Path, Path]:
     if (base / "done").is_file() and (tuned / "done").is_file():
         return base.parent, tuned
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        unet = UNet2DConditionModel(**SDXL_UNET)
     count = sum(p.numel() for p in unet.parameters())
     assert count == SDXL_PARAMETERS, count
     shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}

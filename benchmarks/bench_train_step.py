@@ -76,7 +76,8 @@ from postertune.models.tiny import (  # noqa: E402
     TEXT_WIDTH_2,
     tiny_unet_config,
 )
-from postertune.train.loss import draw_noise  # noqa: E402
+from postertune.train.loss import LossRecipe  # noqa: E402
+from postertune.train.noise import NoiseRecipe, draw_noise  # noqa: E402
 from postertune.train.optim import fuse_into_backward, optimizer_class  # noqa: E402
 from postertune.train.step import StepConfig, to_device, training_step  # noqa: E402
 
@@ -299,7 +300,7 @@ def postertune_batch(size: Size, batch: int, generator: torch.Generator, pin: bo
     r = float(size.resolution)
     out = {
         "latent": torch.randn((batch, 4, side, side), generator=generator),
-        "noise": torch.stack([draw_noise((4, side, side), generator, NOISE_OFFSET) for _ in range(batch)]),
+        "noise": torch.stack([draw_noise((4, side, side), generator, NoiseRecipe(NOISE_OFFSET)) for _ in range(batch)]),
         "timestep": torch.randint(0, num_timesteps, (batch,), generator=generator),
         "time_ids": torch.tensor([[r, r, 0.0, 0.0, r, r]] * batch),
         "prompt_embeds": torch.randn((batch, PROMPT_TOKENS, size.context_width), generator=generator),
@@ -379,7 +380,7 @@ def build_unet(size: Size, method: Method, checkpointing: bool, device: torch.de
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel(**size.unet)
-    if method.step == "postertune":  # train/setup.py place_models
+    if method.step == "postertune":  # train/setup.py: component_dtypes, place_models
         unet.requires_grad_(True).train()
         if method.full_bf16:
             unet.to(dtype=torch.bfloat16)
@@ -426,9 +427,9 @@ def measure(variant: Variant, size: Size, device: torch.device, args) -> dict:
             )
             lr_scheduler = get_scheduler("constant", optimizer)
             if method.fused_backward_pass:
-                hooks = fuse_into_backward(optimizer, unet.parameters())
+                hooks = fuse_into_backward(optimizer)
             unet, optimizer = accelerator.prepare(unet, optimizer)
-            config = StepConfig(SNR_GAMMA, method.max_grad_norm, method.fused_backward_pass)
+            config = StepConfig(LossRecipe(SNR_GAMMA), method.max_grad_norm, method.fused_backward_pass)
             batches = [
                 postertune_batch(
                     size, variant.batch, generator, device.type == "cuda", noise_scheduler.config.num_train_timesteps

@@ -3,6 +3,7 @@
 from postertune.caption.params import CaptionParams
 from postertune.caption.run import run
 from postertune.cli import run_stage
+from postertune.launch import relaunched
 
 if __name__ == "__main__":
-    run_stage("caption", CaptionParams, run)
+    run_stage("caption", CaptionParams, relaunched("caption", run))

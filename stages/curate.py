@@ -3,6 +3,7 @@
 from postertune.cli import run_stage
 from postertune.curate.params import CurateParams
 from postertune.curate.run import run
+from postertune.launch import relaunched
 
 if __name__ == "__main__":
-    run_stage("curate", CurateParams, run)
+    run_stage("curate", CurateParams, relaunched("curate", run))

@@ -3,6 +3,7 @@
 from postertune.cli import run_stage
 from postertune.evaluate.params import EvaluateParams
 from postertune.evaluate.run import run
+from postertune.launch import relaunched
 
 if __name__ == "__main__":
-    run_stage("evaluate", EvaluateParams, run)
+    run_stage("evaluate", EvaluateParams, relaunched("evaluate", run))

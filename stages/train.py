@@ -11,24 +11,13 @@ re-launches itself under ``accelerate launch`` with it (how ``dvc repro`` and
 from __future__ import annotations
 
 import logging
-import os
-import sys
-from pathlib import Path
 
 from postertune.cli import run_stage
-from postertune.errors import PipelineError
+from postertune.launch import relaunched
 from postertune.train.params import TrainParams
 
-ACCELERATE_CONFIG = "POSTERTUNE_ACCELERATE_CONFIG"
 
-
-def launch_or_train(params: TrainParams) -> dict | None:
-    config = os.environ.pop(ACCELERATE_CONFIG, None)  # the launched processes must not launch again
-    if config:
-        if not Path(config).is_file():
-            raise PipelineError(f"{ACCELERATE_CONFIG}={config}: no such accelerate config file")
-        launch = ["-m", "accelerate.commands.launch", "--config_file", config, "-m", "stages.train"]
-        os.execv(sys.executable, [sys.executable, *launch])
+def train(params: TrainParams) -> dict | None:
     from postertune.train.run import run  # the heavy imports wait until the params are known good
 
     return run(params)
@@ -37,4 +26,4 @@ def launch_or_train(params: TrainParams) -> dict | None:
 if __name__ == "__main__":
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("postertune").setLevel(logging.INFO)
-    run_stage("train", TrainParams, launch_or_train)
+    run_stage("train", TrainParams, relaunched("train", train))

@@ -35,7 +35,7 @@ from postertune.evaluate.cmmd import mmd
 from postertune.evaluate.params import EvaluateParams
 from postertune.evaluate.run import evaluate, run
 from postertune.evaluate.samples import load_sample
-from postertune.evaluate.scoring import score_samples
+from postertune.evaluate.scoring import embed_images, score_samples
 from postertune.evaluate.stats import bootstrap_interval, compare, paired_p_value, summarize, win_rate
 from postertune.models.aesthetic import load_aesthetic_head
 from postertune.models.clip import TINY_ARCHITECTURE, TINY_OVERRIDES, check_weights, load_clip
@@ -254,7 +254,8 @@ def test_clip_score_is_the_cosine_of_the_normalised_embeddings(tmp_path):
     clip = load_clip(params, "cpu")
     head = load_aesthetic_head(None, clip.embed_dim, 0, "cpu")
     samples = pd.read_csv(folder / "manifest.csv")
-    scores, embeddings = score_samples(samples, clip, head, lambda p: load_sample(folder, p), batch_size=3)
+    embeddings = embed_images(clip, list(samples["path"]), lambda p: load_sample(folder, p), 3, "evaluate")
+    scores = score_samples(samples, embeddings, clip, head, batch_size=3)
 
     model, preprocess = clip.model, clip.preprocess
     tokens = open_clip.get_tokenizer(TINY_ARCHITECTURE)

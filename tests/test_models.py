@@ -35,8 +35,10 @@ from postertune.errors import PipelineError
 from postertune.models.loading import (
     POINTER_FILE,
     SDXLComponents,
+    dtype_of,
     load_components,
     load_pipeline,
+    pipeline_from_source,
     save_base_folder,
     save_unet,
 )
@@ -387,6 +389,29 @@ def test_tiny_seed_and_vae_from_a_pipeline_folder(base_dir, other_dir, tiny):
     assert_same_weights(UNet2DConditionModel.from_pretrained(other_dir / "unet"), components.unet)
     assert not torch.equal(components.unet.conv_in.weight, tiny.unet.conv_in.weight)
     assert_same_weights(tiny.vae, components.vae)
+
+
+# bf16 mixed precision with a float32 VAE (no_half_vae); the same with bf16 U-Net weights (full_bf16)
+MIXED = {"unet": torch.float32, "vae": torch.float32, "default": torch.bfloat16}
+LEAN = {"unet": torch.bfloat16, "vae": torch.float32, "default": torch.bfloat16}
+
+
+@pytest.mark.parametrize("dtypes", [MIXED, LEAN], ids=["mixed", "lean"])
+@pytest.mark.parametrize("kind", ["tiny", "folder", "file"])
+def test_each_component_loads_in_its_own_dtype(kind, dtypes, base_dir, single_file, tiny):
+    base = {"tiny": "tiny", "folder": str(base_dir), "file": str(single_file)}[kind]
+    extra = {"single_file_config": str(base_dir)} if kind == "file" else {}
+    components = load_components(base, dtype=dtypes, **extra)
+    for component in COMPONENTS:
+        dtype = dtype_of(dtypes, component)
+        assert getattr(components, component).dtype == dtype, component
+        assert_same_weights(getattr(tiny, component), getattr(components, component), dtype)
+
+
+def test_a_given_unet_keeps_its_dtype(base_dir, tiny):
+    pipe = pipeline_from_source(ModelSource(base=str(base_dir)), dtype=torch.float16, unet=tiny.unet)
+    assert pipe.unet is tiny.unet and tiny.unet.dtype == torch.float32
+    assert pipe.vae.dtype == pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == torch.float16
 
 
 # --- errors -------------------------------------------------------------------------------

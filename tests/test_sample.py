@@ -20,6 +20,8 @@ from PIL import Image
 
 from postertune.cli import run_stage
 from postertune.errors import PipelineError
+from postertune.models.loading import load_unet, save_unet
+from postertune.models.schedule import inference_scheduler
 from postertune.models.single_file import save_single_file
 from postertune.models.tiny import SDXL_SCHEDULER_CONFIG, save_tiny_pipeline
 from postertune.params import ParamError, build
@@ -27,6 +29,7 @@ from postertune.sample.grid import make_grid
 from postertune.sample.manifest import MANIFEST_NAME, read_manifest
 from postertune.sample.params import SampleParams
 from postertune.sample.prompts import combine_negative, load_presets, load_prompts
+from postertune.sample.render import model_pipeline
 from postertune.sample.run import run, sample
 from postertune.sample.schedulers import SCHEDULERS, make_scheduler
 
@@ -323,3 +326,39 @@ def test_single_file_checkpoint_renders_like_its_diffusers_folder(tmp_path, mode
     folder = np.asarray(Image.open(tmp_path / "out/images/folder/pet_bag/seed-0.png"), dtype=np.int16)
     single = np.asarray(Image.open(tmp_path / "out/images/community/pet_bag/seed-0.png"), dtype=np.int16)
     assert np.abs(folder - single).max() <= 1
+
+
+def test_v_prediction_fine_tune_renders_on_its_own_zero_snr_trailing_schedule(tmp_path, models):
+    """The U-Net folder's saved schedule (as the train stage writes it) decides how it is sampled:
+    the same weights render differently as a v-prediction, zero-terminal-SNR model."""
+    base = StableDiffusionXLPipeline.from_pretrained(models["base"]).scheduler
+    unet = load_unet(models["unet"])
+    vpred = save_unet(unet, tmp_path / "vpred", "float", inference_scheduler(base, "v_prediction", True))
+    eps = save_unet(unet, tmp_path / "eps", "float", inference_scheduler(base, "epsilon", False))
+    weights = {"base": models["base"], "unet": vpred}
+    vpred_only = [dict(name="vpred", base=str(models["base"]), unet=str(vpred))]
+    both = [*vpred_only, dict(name="eps", base=str(models["base"]), unet=str(eps))]
+    params = make_params(tmp_path / "out", weights, models=both, prompt_ids=["pet_bag"], guidance_rescale=0.7)
+
+    scheduler = model_pipeline(params.models[0], params).scheduler
+    assert type(scheduler).__name__ == "EulerDiscreteScheduler"  # sample.scheduler: euler
+    assert (scheduler.config.prediction_type, scheduler.config.rescale_betas_zero_snr) == ("v_prediction", True)
+    assert scheduler.config.timestep_spacing == "trailing"
+    scheduler.set_timesteps(params.steps)
+    assert scheduler.timesteps[0].item() == 999  # sampling starts from pure noise
+    plain = model_pipeline(params.models[1], params).scheduler.config
+    assert (plain.prediction_type, plain.timestep_spacing) == ("epsilon", "leading")
+
+    sample(params)
+    images = image_bytes(tmp_path / "out")
+    assert images["images/vpred/pet_bag/seed-0.png"] != images["images/eps/pet_bag/seed-0.png"]
+    # guidance_rescale is part of the render settings and changes the pixels
+    sample(make_params(tmp_path / "unrescaled", weights, models=vpred_only, prompt_ids=["pet_bag"]))
+    unrescaled = image_bytes(tmp_path / "unrescaled")["images/vpred/pet_bag/seed-0.png"]
+    assert unrescaled != images["images/vpred/pet_bag/seed-0.png"]
+
+    # a sampler that cannot rescale the betas is refused before anything renders
+    with pytest.raises(ParamError, match="heun cannot sample vpred") as err:
+        sample(make_params(tmp_path / "heun", weights, models=vpred_only, scheduler="heun"))
+    assert err.value.name == "sample.scheduler"
+    assert not (tmp_path / "heun").exists()

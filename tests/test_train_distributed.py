@@ -1,5 +1,6 @@
 """Data-parallel training: two CPU processes under ``accelerate launch`` (gloo) train the same
-weights as one process with the same global batch.
+weights as one process with the same global batch, the U-Net alone or with per-block rates and
+both text encoders.
 
 By hand, on a machine without GPUs: ``accelerate launch --multi_gpu --num_processes 2 -m stages.train``
 (``--cpu`` would start a single process; the stage itself asks accelerate for the CPU).
@@ -8,24 +9,19 @@ By hand, on a machine without GPUs: ``accelerate launch --multi_gpu --num_proces
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from postertune.train.params import load_train_params
 from postertune.train.run import run as train
+from tests.launching import launch
 from tests.train_inputs import fresh_process_state, write_dataset, write_params
 
 pytestmark = pytest.mark.slow
 
-PROJECT = Path(__file__).resolve().parents[1]
 SIZES = [(200, 300), (300, 300), (200, 300), (300, 300), (200, 300), (300, 300)]
 RECIPE = dict(
     max_train_steps=4,
@@ -40,36 +36,24 @@ RECIPE = dict(
     # sign depends on summation order. A larger eps leaves real gradients alone and noise tiny.
     optimizer_args={"eps": 1.0e-6},
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+BLOCKS_AND_TEXT = dict(block_lr=[1.0] * 22 + [0.5], train_text_encoder=True, learning_rate_te1=5e-4)
 
 
 def launch_two_processes(folder: Path) -> dict:
     """The stage re-launched by itself under ``accelerate launch`` with the shipped multi-GPU config,
     two processes: on a machine without CUDA they are CPU workers on the gloo backend."""
-    config = yaml.safe_load((PROJECT / "configs/accelerate/multi_gpu.yaml").read_text())
-    config.update(num_processes=2, main_process_port=free_port())
-    (folder / "accelerate.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env["POSTERTUNE_ACCELERATE_CONFIG"] = "accelerate.yaml"
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.train"], cwd=folder, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch("train", folder)
     return json.loads((folder / "metrics/train.json").read_text())
 
 
 @pytest.mark.usefixtures(fresh_process_state.__name__)
-def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, BLOCKS_AND_TEXT], ids=["unet", "blocks-and-text-encoders"])
+def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_path, monkeypatch, extra):
     one, two = tmp_path / "one", tmp_path / "two"
     for folder, batch in ((one, 4), (two, 2)):
         folder.mkdir()
         write_dataset(folder, SIZES)
-        write_params(folder, batch_size=batch, **RECIPE)
+        write_params(folder, batch_size=batch, **RECIPE, **extra)
 
     double = launch_two_processes(two)
     monkeypatch.chdir(one)
@@ -88,3 +72,9 @@ def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_p
     difference = sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5
     update = sum((a[k] - base[k]).norm() ** 2 for k in a) ** 0.5
     assert difference < 1e-3 * update
+    encoders = sorted(p.relative_to(one) for p in (one / "models/text_encoders").glob("*/model.safetensors"))
+    assert len(encoders) == (2 if extra else 0)
+    for path in encoders:  # gradients of the text encoders are averaged across processes too
+        a, b = load_file(one / path), load_file(two / path)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=5e-5, msg=f"{path}: {key}")

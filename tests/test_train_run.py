@@ -21,7 +21,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from postertune.errors import PipelineError
-from postertune.models.single_file import UNET_PREFIX, unet_to_original
+from postertune.models.single_file import (
+    CLIP_L_PREFIX,
+    OPEN_CLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    clip_l_to_original,
+    open_clip_to_original,
+    unet_to_original,
+    vae_to_original,
+)
+from postertune.models.tiny import build_tiny_pipeline
 from postertune.params import ParamError
 from postertune.train.packed import PackedTensors
 from postertune.train.params import load_train_params
@@ -29,6 +39,7 @@ from postertune.train.run import run as train
 from tests.train_inputs import fresh_process_state, write_dataset, write_params
 
 PORTRAIT, SQUARE = (200, 300), (300, 300)
+PHASES = ("load", "cache", "train", "checkpoint", "save")  # metrics/train.json has a peak memory for each
 pytestmark = pytest.mark.usefixtures(fresh_process_state.__name__)
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -215,6 +226,31 @@ def test_lean_mode_adafactor_fused_into_backward_in_bf16(workdir):
     # lean mode). Every other tensor moved, each stepped inside backward.
     assert all(".norm" in k or k.startswith("conv_norm_out") for k in unchanged)
     assert all(k.endswith(".weight") for k in unchanged)
+
+
+def test_outputs_carry_the_bases_frozen_weights_whatever_dtype_training_held_them_in(workdir):
+    """Nothing after caching uses the VAE or text encoders here (fixed captions, no samples), so training
+    frees them; the single file is written with the base's own, loaded again in fp16, not with
+    the bf16 copies training computed with. Memory is reported per phase."""
+    write_dataset(workdir, [PORTRAIT, SQUARE])
+    metrics = run(workdir, max_train_steps=2, mixed_precision="bf16", save_precision="fp16")
+
+    base = build_tiny_pipeline(seed=0)
+    frozen = {
+        VAE_PREFIX: vae_to_original(base.vae),
+        CLIP_L_PREFIX: clip_l_to_original(base.text_encoder),
+        OPEN_CLIP_PREFIX: open_clip_to_original(base.text_encoder_2),
+    }
+    with safe_open(workdir / "models/sdxl-poster.safetensors", "pt") as f:
+        for prefix, tensors in frozen.items():
+            for key, tensor in tensors.items():
+                assert torch.equal(f.get_tensor(prefix + key), tensor.half()), prefix + key
+    rounded = base.text_encoder.get_input_embeddings().weight
+    assert not torch.equal(rounded.half(), rounded.bfloat16().half())  # bf16 copies would have shown
+
+    peaks = [metrics[f"peak_memory_mb_{phase}"] for phase in PHASES]
+    assert all(peak > 0 for peak in peaks) and metrics["peak_memory_mb"] == max(peaks)
+    assert all(metrics[f"added_memory_mb_{phase}"] >= 0 for phase in PHASES)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,8 @@ from postertune.train.buckets import Bucket, make_buckets, nearest_bucket, plan_
 from postertune.train.captions import CaptionPolicy, shuffle_tags, split_tags
 from postertune.train.data import BucketBatchSampler, TrainDataset, plan_entries, read_examples, split_validation
 from postertune.train.latent_cache import LatentCache, vae_cache_id
-from postertune.train.loss import diffusion_loss, draw_noise, min_snr_weights
+from postertune.train.loss import LossRecipe, diffusion_loss, min_snr_weights
+from postertune.train.noise import NoiseRecipe, draw_noise
 from postertune.train.optim import (
     FusedAdafactor,
     check_optimizer_args,
@@ -35,6 +36,7 @@ from postertune.train.optim import (
     make_optimizer,
 )
 from postertune.train.params import TrainParams, check_runtime
+from postertune.train.timesteps import TimestepSampler
 from postertune.train.tracking import TrainLog
 from tests.profiles import composed_params
 from tests.train_inputs import fresh_process_state, train_section, write_dataset
@@ -219,7 +221,8 @@ def test_dataset_draws_captions_and_noise_per_sample_seed(tmp_path, tiny_vae):
     plans = plan_entries(examples, p)
     cache = LatentCache(tmp_path / "cache", vae_cache_id(tiny_vae, torch.float32))
     cache.fill(plans[0], ShardStore(tmp_path / "shards"), tiny_vae, 1, 10**7, show_progress=False)
-    dataset = TrainDataset(examples, plans, cache, None, CaptionPolicy.from_params(p), 0.1, 1000)
+    policy = CaptionPolicy.from_params(p)
+    dataset = TrainDataset(examples, plans, cache, None, policy, NoiseRecipe.from_params(p), TimestepSampler(p, 1000))
     samples = [dataset[(0, seed)] for seed in range(40)]
     captions = [s["caption"] for s in samples]
     assert "" in captions and any(c.startswith("movie poster, ") for c in captions)
@@ -430,7 +433,7 @@ def test_fused_adafactor_in_backward_equals_adafactor_after_backward():
         plain.zero_grad(set_to_none=True)
 
     fused = FusedAdafactor(fused_unet.parameters(), **args)
-    handles = fuse_into_backward(fused, fused_unet.parameters())
+    handles = fuse_into_backward(fused)
     for batch in inputs:
         loss_of(fused_unet, *batch).backward()
         assert all(p.grad is None for p in fused_unet.parameters())  # freed as soon as used
@@ -454,13 +457,17 @@ def test_min_snr_weights_and_noise_offset():
     assert weights[0] < 0.01 and weights[-1] == 1.0
 
     pred, target = torch.zeros(4, 4, 2, 2), torch.ones(4, 4, 2, 2)
-    assert diffusion_loss(pred, target, t, scheduler, None).item() == 1.0
-    assert diffusion_loss(pred, target, t, scheduler, 5.0).item() == pytest.approx(weights.mean().item())
+    assert diffusion_loss(pred, target, t, scheduler, LossRecipe()).item() == 1.0
+    assert diffusion_loss(pred, target, t, scheduler, LossRecipe(5.0)).item() == pytest.approx(weights.mean().item())
 
     generator = torch.Generator().manual_seed(0)
-    shifts = torch.stack([draw_noise(torch.Size((4, 64, 64)), generator, 0.5).mean(dim=(1, 2)) for _ in range(50)])
+    shifts = torch.stack(
+        [draw_noise(torch.Size((4, 64, 64)), generator, NoiseRecipe(0.5)).mean(dim=(1, 2)) for _ in range(50)]
+    )
     assert 0.3 < shifts.std().item() < 0.7  # each channel moved by offset × N(0, 1)
-    plain = torch.stack([draw_noise(torch.Size((4, 64, 64)), generator, 0.0).mean(dim=(1, 2)) for _ in range(50)])
+    plain = torch.stack(
+        [draw_noise(torch.Size((4, 64, 64)), generator, NoiseRecipe(0.0)).mean(dim=(1, 2)) for _ in range(50)]
+    )
     assert plain.std().item() < 0.05
 
 

@@ -2,8 +2,9 @@
 by a hash of the captioner's settings, so a rerun captions only what is new.
 
 Each settings hash has its own folder of Parquet parts; every chunk of work is one
-part written atomically, so a killed run keeps every finished chunk. ``compact``
-folds the parts into one when a captioner finishes. Old settings keep their folder,
+part written atomically, so a killed run keeps every finished chunk. Processes of one
+launch write side by side, each part's name marked with its process (``part-000003-r1``).
+``compact`` folds the parts into one when a captioner finishes. Old settings keep their folder,
 so switching back to them costs nothing; ``current.json`` beside the folders names
 the ones the last run used.
 """
@@ -21,7 +22,7 @@ from postertune.atomic import atomic_path, write_json
 from postertune.errors import PipelineError
 from postertune.fingerprint import short_fingerprint
 
-_PART = re.compile(r"^part-(\d{6,})\.parquet$")
+_PART = re.compile(r"^part-(\d{6,})(-r\d+)?\.parquet$")
 _SCHEMA = pa.schema(
     [
         ("sha256", pa.string()),
@@ -51,8 +52,9 @@ class CaptionRecord:
 
 
 class CaptionCache:
-    def __init__(self, root: Path, captioner: str, settings: dict):
+    def __init__(self, root: Path, captioner: str, settings: dict, suffix: str = ""):
         self.settings = settings
+        self.suffix = suffix  # marks the parts this process writes (launch.Processes.suffix)
         self.folder = Path(root) / f"{captioner}-{short_fingerprint(settings)}"
         self.records: dict[str, CaptionRecord] = {}
         for part in self._parts():
@@ -72,9 +74,8 @@ class CaptionCache:
             return
         if not (self.folder / "settings.json").exists():
             write_json(self.folder / "settings.json", self.settings)
-        parts = self._parts()
-        number = int(_PART.match(parts[-1].name).group(1)) + 1 if parts else 0
-        _write_part(self.folder / f"part-{number:06d}.parquet", records)
+        number = max((int(_PART.match(p.name).group(1)) for p in self._parts()), default=-1) + 1
+        _write_part(self.folder / f"part-{number:06d}{self.suffix}.parquet", records)
         self.records.update((r.sha256, r) for r in records)
 
     def compact(self) -> None:

@@ -24,6 +24,7 @@ from postertune.caption.report import caption_metrics
 from postertune.caption.wd14 import Wd14Tagger
 from postertune.errors import PipelineError
 from postertune.imagesafe import ImageRejected, load_image
+from postertune.launch import ONE_PROCESS, Processes, launched_processes
 from postertune.params import ParamError
 from postertune.store import ShardStore
 
@@ -100,14 +101,14 @@ def _decode(data: bytes, max_pixels: int, size: int, background: tuple[int, int,
 
 
 def _decoded_chunks(
-    shas: list[str], chunk_size: int, read: Callable[[str], bytes | None], decode: Callable[[bytes], object], pool
+    chunks: list[list[str]], read: Callable[[str], bytes | None], decode: Callable[[bytes], object], pool
 ) -> Iterator[list[tuple[str, Future | str]]]:
     """Chunks of (sha, decoding future or skip reason); the next chunk decodes while
     the caller captions this one."""
     ahead = None
-    for start in range(0, len(shas), chunk_size):
+    for shas in chunks:
         chunk = []
-        for sha in shas[start : start + chunk_size]:
+        for sha in shas:
             data = read(sha)
             chunk.append((sha, pool.submit(decode, data) if data is not None else "missing_image"))
         if ahead is not None:
@@ -118,16 +119,32 @@ def _decoded_chunks(
 
 
 def caption_images(
-    load: Callable[[], ImageCaptioner], cache: CaptionCache, shas: list[str], store: ShardStore, params: CaptionParams
+    load: Callable[[], ImageCaptioner],
+    cache: CaptionCache,
+    shas: list[str],
+    store: ShardStore,
+    params: CaptionParams,
+    processes: Processes = ONE_PROCESS,
 ) -> int:
-    """Caption the images ``cache`` lacks, saving each chunk; returns how many ran."""
+    """Caption the images ``cache`` lacks, saving each chunk; returns how many ran, in all
+    processes together. Each process takes its share of the chunks one process would
+    caption, so every batch holds the same images whatever the process count."""
     pending = [sha for sha in shas if sha not in cache]
     if not pending:
         return 0
     if len(store) == 0:  # also builds the shard index once, before the decoding threads start
         raise PipelineError(f"{store.root}: no image shards to caption (run the fetch stage or dvc pull)")
-    captioner = load()
+    chunks = processes.share([pending[i : i + params.chunk_size] for i in range(0, len(pending), params.chunk_size)])
+    if chunks:
+        _caption_chunks(load(), cache, chunks, store, params)
+    if processes.count == 1:
+        cache.compact()
+    return len(pending)
 
+
+def _caption_chunks(
+    captioner: ImageCaptioner, cache: CaptionCache, chunks: list[list[str]], store: ShardStore, params: CaptionParams
+) -> None:
     def read(sha: str) -> bytes | None:
         return store.read(sha) if sha in store else None
 
@@ -136,9 +153,9 @@ def caption_images(
 
     with (
         ThreadPoolExecutor(params.workers) as pool,
-        tqdm(total=len(pending), desc=f"caption {captioner.name}", unit="img") as bar,
+        tqdm(total=sum(map(len, chunks)), desc=f"caption {captioner.name}", unit="img") as bar,
     ):
-        for chunk in _decoded_chunks(pending, params.chunk_size, read, decode, pool):
+        for chunk in _decoded_chunks(chunks, read, decode, pool):
             records, good = [], []
             for sha, job in chunk:
                 result = job.result() if isinstance(job, Future) else job
@@ -151,8 +168,6 @@ def caption_images(
                 records.extend(captioner.caption([s for s, _ in batch], [image for _, image in batch]))
             cache.add(records)
             bar.update(len(chunk))
-    cache.compact()
-    return len(pending)
 
 
 def cache_settings(name: str, params: CaptionParams) -> dict:
@@ -162,16 +177,19 @@ def cache_settings(name: str, params: CaptionParams) -> dict:
     return own | {"pixels": PIXELS, "background": list(params.background)}
 
 
-def _loader(name: str, params: CaptionParams) -> tuple[Callable[[], ImageCaptioner], dict]:
+def _loader(name: str, params: CaptionParams, gpu: int) -> tuple[Callable[[], ImageCaptioner], dict]:
     """A deferred model load (only when there is work) and the settings that key the cache."""
     if name == "blip":
         return (lambda: BlipCaptioner(params.blip)), cache_settings(name, params)
-    return (lambda: Wd14Tagger(params.wd14)), cache_settings(name, params)
+    return (lambda: Wd14Tagger(params.wd14, gpu)), cache_settings(name, params)
 
 
-def run(params: CaptionParams) -> dict:
-    """Caption the kept images; print what ran; return the stage metrics."""
+def run(params: CaptionParams) -> dict | None:
+    """Caption the kept images; print what ran; return the stage metrics (None in a process
+    other than the main one)."""
     report = caption(params)
+    if report is None:
+        return None
     ran = ", ".join(f"{name} {count}" for name, count in report.computed.items()) or "none"
     print(
         f"caption: {report.metrics['captioned']}/{report.metrics['images']} images captioned; model runs this time: {ran}"
@@ -179,27 +197,41 @@ def run(params: CaptionParams) -> dict:
     return report.metrics
 
 
-def caption(params: CaptionParams) -> CaptionReport:
-    """Run the captioners in order (each only on images its cache lacks), combine, write, export."""
+def caption(params: CaptionParams) -> CaptionReport | None:
+    """Run the captioners in order (each only on images its cache lacks), combine, write, export.
+
+    Launched as several processes, each captions its share; the main process then reads every
+    process's cache parts and writes what one process would (the others return None)."""
     table = read_images(params.images)
     check_columns(table, params, params.images)
     shas = table["sha256"].tolist()
     store = ShardStore(params.shards)
     cache_root = params.output / CACHE_DIR
-    results: dict[str, dict[str, CaptionRecord]] = {}
+    processes = launched_processes()
+    caches: dict[str, CaptionCache] = {}
     computed: dict[str, int] = {}
-    current: dict[str, str] = {}  # captioner -> the cache folder this run's settings use
     try:
+        for name in params.captioners:
+            if name == "metadata":
+                continue
+            load, settings = _loader(name, params, processes.local_index)
+            caches[name] = CaptionCache(cache_root, name, settings, processes.suffix)
+            computed[name] = caption_images(load, caches[name], shas, store, params, processes)
+        processes.wait()
+        if not processes.main:
+            return None
+        results: dict[str, dict[str, CaptionRecord]] = {}
         for name in params.captioners:
             if name == "metadata":
                 results[name] = caption_metadata(table, params.metadata)
                 continue
-            load, settings = _loader(name, params)
-            cache = CaptionCache(cache_root, name, settings)
-            computed[name] = caption_images(load, cache, shas, store, params)
+            cache = caches[name]
+            if processes.count > 1:  # every process's parts, folded into one
+                cache = CaptionCache(cache_root, name, cache.settings)
+                cache.compact()
             results[name] = {sha: cache.records[sha] for sha in shas}
-            current[name] = cache.folder.name
-        write_json(cache_root / CURRENT_CACHES, current)
+        # captioner -> the cache folder this run's settings use
+        write_json(cache_root / CURRENT_CACHES, {name: cache.folder.name for name, cache in caches.items()})
         captions = combine_captions(table, results, params.combine)
         write_parquet(params.output / CAPTIONS, captions)
         export_dataset(params.output / EXPORT_DIR, captions, params.export, store)

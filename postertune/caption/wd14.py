@@ -76,26 +76,27 @@ def wd14_input(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(square, dtype=np.float32)[:, :, ::-1]
 
 
-def onnx_providers(device: str) -> list[str]:
+def onnx_providers(device: str, gpu: int = 0) -> list[str | tuple[str, dict]]:
+    """``gpu``: which GPU, when one is used (each launched process has its own)."""
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     if device == "cuda" and not has_cuda:
         raise ParamError("caption.wd14.device", "cuda requested but onnxruntime has no CUDAExecutionProvider")
     if device != "cpu" and has_cuda:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
 class Wd14Tagger:
     name = "wd14"
 
-    def __init__(self, params: Wd14Params):
+    def __init__(self, params: Wd14Params, gpu: int = 0):
         self.params = params
         for key in ("model", "tags_csv"):
             path = getattr(params, key)
             if not Path(path).is_file():
                 raise ParamError(f"caption.wd14.{key}", f"{path} not found")
         self.vocab = read_selected_tags(params.tags_csv)
-        providers = onnx_providers(params.device)
+        providers = onnx_providers(params.device, gpu)
         try:
             self.session = ort.InferenceSession(str(params.model), providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types

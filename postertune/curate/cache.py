@@ -4,8 +4,10 @@ A folder per model fingerprint (``postertune.models.clip.clip_fingerprint``) und
 ``curate.output/cache``; in it, Parquet parts of image rows (keyed by the image's sha256:
 its embedding, or why it has none, and the model-free JPEG quality and grey-level spread)
 and of text rows (keyed by the caption's sha256). Every chunk of work is one part written
-atomically, so an interrupted run keeps all it scored; ``compact`` folds the parts into one
-at the end. A rerun with other thresholds finds everything here and loads no model.
+atomically, so an interrupted run keeps all it scored; processes of one launch write side
+by side, each part's name marked with its process (``images-000003-r1``). ``compact``
+folds the parts into one at the end. A rerun with other thresholds finds everything here
+and loads no model.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ IMAGE_SCHEMA = pa.schema(
     ]
 )
 TEXT_SCHEMA = pa.schema([("sha256", pa.string()), ("embedding", pa.list_(pa.float32()))])
-_PART = re.compile(r"^(images|texts)-(\d{6,})\.parquet$")
+_PART = re.compile(r"^(images|texts)-(\d{6,})(-r\d+)?\.parquet$")
 
 
 def text_key(text: str) -> str:
@@ -50,10 +52,15 @@ class ImageRecord:
 
 
 class EmbeddingCache:
-    def __init__(self, root: Path, fingerprint: str, about: dict):
+    def __init__(self, root: Path, fingerprint: str, about: dict, suffix: str = ""):
         self.folder = Path(root) / fingerprint[:SHORT]
         self.fingerprint = fingerprint
         self.about = about
+        self.suffix = suffix  # marks the parts this process writes (launch.Processes.suffix)
+        self.reload()
+
+    def reload(self) -> None:
+        """Read every part in the folder, those other processes wrote included."""
         self.images: dict[str, ImageRecord] = {}
         self.texts: dict[str, np.ndarray] = {}
         for kind, part in self._parts():
@@ -76,11 +83,11 @@ class EmbeddingCache:
         if not self.folder.is_dir():
             return []
         found = [(m.group(1), int(m.group(2)), p) for p in self.folder.iterdir() if (m := _PART.match(p.name))]
-        return [(kind, path) for kind, _, path in sorted(found, key=lambda f: (f[0], f[1]))]
+        return [(kind, path) for kind, _, path in sorted(found, key=lambda f: (f[0], f[1], f[2].name))]
 
     def _next_part(self, kind: str) -> Path:
         numbers = [int(_PART.match(p.name).group(2)) for k, p in self._parts() if k == kind]
-        return self.folder / f"{kind}-{max(numbers, default=-1) + 1:06d}.parquet"
+        return self.folder / f"{kind}-{max(numbers, default=-1) + 1:06d}{self.suffix}.parquet"
 
     def _write(self, kind: str, rows: list[dict], schema: pa.Schema) -> None:
         if not (self.folder / "model.json").exists():

@@ -21,6 +21,7 @@ from postertune.curate.report import curate_metrics, disabled_metrics
 from postertune.curate.select import select, similarity
 from postertune.errors import PipelineError
 from postertune.fingerprint import fingerprint_json
+from postertune.launch import launched_processes
 from postertune.store import ShardStore
 from postertune.tables import read_stage_table
 
@@ -54,9 +55,12 @@ def read_captions(params: CurateParams) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def run(params: CurateParams) -> dict:
-    """Curate the captioned set; print what was kept and what ran; return the stage metrics."""
+def run(params: CurateParams) -> dict | None:
+    """Curate the captioned set; print what was kept and what ran; return the stage metrics
+    (None in a process other than the main one)."""
     report = curate(params)
+    if report is None:
+        return None
     m = report.metrics
     ran = m["run"]
     print(
@@ -66,10 +70,15 @@ def run(params: CurateParams) -> dict:
     return m
 
 
-def curate(params: CurateParams) -> CurateReport:
+def curate(params: CurateParams) -> CurateReport | None:
+    """Launched as several processes, each scores its share; the main process then reads every
+    process's cache parts and writes what one process would (the others return None)."""
     started = time.perf_counter()
     table = read_captions(params)
+    processes = launched_processes()
     if not params.enabled:
+        if not processes.main:
+            return None
         write_parquet(params.output / IMAGES, table)
         dropped = table.iloc[0:0].assign(**{c: pd.Series(dtype=object) for c in DROP_COLUMNS})
         write_parquet(params.output / DROPPED, dropped)
@@ -91,7 +100,7 @@ def curate(params: CurateParams) -> CurateReport:
     # what an embedding depends on: the model, and the colour transparent posters are composited onto
     fingerprint = fingerprint_json([clip_fingerprint(params), list(params.background)])
     about = {"clip_model": params.clip_model, "clip_weights": params.clip_weights}
-    cache = EmbeddingCache(params.output / CACHE_DIR, fingerprint, about)
+    cache = EmbeddingCache(params.output / CACHE_DIR, fingerprint, about, processes.suffix)
     loaded = {}
 
     def model():
@@ -113,7 +122,10 @@ def curate(params: CurateParams) -> CurateReport:
             params.workers,
             params.max_pixels,
             params.background,
+            processes,
         )
+        if not processes.main:
+            return None
         dim = next((len(r.embedding) for r in cache.images.values() if r.embedding is not None), None)
         if "head" not in loaded and dim is not None:
             loaded["head"] = load_aesthetic_head(params.aesthetic_head, dim, params.seed, device)
@@ -151,7 +163,7 @@ def curate(params: CurateParams) -> CurateReport:
     run = {
         "images_embedded": work.images,
         "texts_embedded": work.texts,
-        "model_loaded": int("clip" in loaded),
+        "model_loaded": int(work.model_loaded),
         "seconds": round(time.perf_counter() - started, 3),
     }
     metrics = curate_metrics(full, selection, run)

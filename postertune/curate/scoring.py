@@ -17,6 +17,7 @@ from tqdm import tqdm
 from postertune.curate.cache import EmbeddingCache, ImageRecord, text_key
 from postertune.imagesafe import ImageRejected, load_image
 from postertune.jpegquality import jpeg_quality
+from postertune.launch import ONE_PROCESS, Processes
 from postertune.models.aesthetic import AestheticHead
 from postertune.models.clip import ClipEncoder, clip_scores
 from postertune.store import ShardStore
@@ -45,11 +46,15 @@ def decode(sha: str, data: bytes, max_pixels: int, background: tuple[int, int, i
     return Decoded(sha, image, ImageRecord(sha, jpeg_quality=quality, pixel_std=round(spread, 4)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class PassReport:
-    images: int = 0  # embedded this run
+    images: int = 0  # embedded this run, by every process together
     texts: int = 0
     unreadable: int = 0
+
+    @property
+    def model_loaded(self) -> bool:
+        return bool(self.images or self.texts or self.unreadable)
 
 
 def score_pass(
@@ -63,19 +68,23 @@ def score_pass(
     workers: int,
     max_pixels: int,
     background: tuple[int, int, int],
+    processes: Processes = ONE_PROCESS,
 ) -> PassReport:
     """Embed every stored image and every text the cache lacks, one chunk (one cache part) at
-    a time; the model loads only when there is something to embed."""
-    report = PassReport()
+    a time; the model loads only when there is something to embed. Each process takes its share
+    of the chunks one process would embed, so every batch holds the same images whatever the
+    process count; the main process then reads every process's parts (the others' caches stay
+    as they were)."""
     pending = [sha for sha in dict.fromkeys(shas) if sha in store and sha not in cache.images]
     keys = {text_key(t): t for t in texts}
     pending_texts = [(key, text) for key, text in keys.items() if key not in cache.texts]
     if not pending and not pending_texts:
-        return report
-    clip = load_clip()
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(pending), desc="curate", unit="img") as bar:
-        for start in range(0, len(pending), chunk_size):
-            chunk = pending[start : start + chunk_size]
+        return PassReport()
+    image_chunks = processes.share([pending[i : i + chunk_size] for i in range(0, len(pending), chunk_size)])
+    text_chunks = processes.share([pending_texts[i : i + chunk_size] for i in range(0, len(pending_texts), chunk_size)])
+    clip = load_clip() if image_chunks or text_chunks else None
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=sum(map(len, image_chunks)), desc="curate", unit="img") as bar:
+        for chunk in image_chunks:
             decoded = list(pool.map(lambda sha: decode(sha, store.read(sha), max_pixels, background), chunk))
             good = [d for d in decoded if d.image is not None]
             embeddings = {}
@@ -91,18 +100,19 @@ def score_pass(
                 for d in decoded
             ]
             cache.add_images(records)
-            report.images += len(good)
-            report.unreadable += len(decoded) - len(good)
             bar.update(len(chunk))
-    for start in range(0, len(pending_texts), chunk_size):
-        chunk = pending_texts[start : start + chunk_size]
+    for chunk in text_chunks:
         encoded = np.concatenate(
             [clip.encode_texts([t for _, t in chunk[i : i + batch_size]]) for i in range(0, len(chunk), batch_size)]
         )
         cache.add_texts(dict(zip([k for k, _ in chunk], encoded, strict=True)))
-        report.texts += len(chunk)
-    cache.compact()
-    return report
+    processes.wait()
+    if processes.main:
+        if processes.count > 1:
+            cache.reload()
+        cache.compact()
+    embedded = sum(cache.images[sha].embedding is not None for sha in pending if sha in cache.images)
+    return PassReport(embedded, len(pending_texts), len(pending) - embedded)
 
 
 def read_scores(

@@ -9,6 +9,7 @@ from PIL import Image
 
 from postertune.errors import PipelineError
 from postertune.imagesafe import ImageRejected, load_image
+from postertune.store import sha256_hex
 
 MANIFEST = "manifest.csv"
 NEEDED = ("model", "prompt_id", "prompt", "seed", "path")
@@ -38,11 +39,21 @@ def read_samples(folder: Path) -> pd.DataFrame:
 
 def load_sample(folder: Path, relative: str) -> Image.Image:
     path = Path(folder) / relative
+    try:
+        return load_image(read_sample(folder, relative))
+    except ImageRejected as exc:
+        raise PipelineError(f"{path}: unreadable image ({exc.reason})") from None
+
+
+def sample_sha256(folder: Path, relative: str) -> str:
+    return sha256_hex(read_sample(folder, relative))
+
+
+def read_sample(folder: Path, relative: str) -> bytes:
+    path = Path(folder) / relative
     if Path(relative).is_absolute() or ".." in Path(relative).parts:
         raise PipelineError(f"{Path(folder) / MANIFEST}: image path {relative!r} leaves {folder}")
     try:
-        return load_image(path.read_bytes())
+        return path.read_bytes()
     except FileNotFoundError:
         raise PipelineError(f"{path}: image listed in {MANIFEST} is missing") from None
-    except ImageRejected as exc:
-        raise PipelineError(f"{path}: unreadable image ({exc.reason})") from None

@@ -33,14 +33,9 @@ def embed_images(
 
 
 def score_samples(
-    samples: pd.DataFrame,
-    clip: ClipEncoder,
-    head: AestheticHead,
-    load: Callable[[str], Image.Image],
-    batch_size: int,
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """Scores per sample row, and the image embeddings (rows aligned with ``samples``)."""
-    images = embed_images(clip, list(samples["path"]), load, batch_size, "evaluate")
+    samples: pd.DataFrame, images: np.ndarray, clip: ClipEncoder, head: AestheticHead, batch_size: int
+) -> pd.DataFrame:
+    """Scores per sample row, from the rows' image embeddings (``images``, aligned with ``samples``)."""
     prompts = list(dict.fromkeys(samples["prompt"]))
     text = dict(
         zip(prompts, np.concatenate([clip.encode_texts(list(c)) for c in batches(prompts, batch_size)]), strict=True)
@@ -50,4 +45,4 @@ def score_samples(
     scores["clip_score"] = cosine
     scores["clip_score_100"] = 100.0 * cosine
     scores["aesthetic_score"] = head.score(images)
-    return scores[SCORE_COLUMNS], images
+    return scores[SCORE_COLUMNS]

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from postertune.atomic import atomic_path
 from postertune.errors import PipelineError
@@ -35,7 +34,7 @@ from postertune.models.lora import (
     unet_layers,
 )
 from postertune.models.precision import Precision, torch_dtype
-from postertune.models.single_file import sort_header_metadata
+from postertune.models.safetensors_writer import pending, write_safetensors
 from postertune.models.weights import UnetWeights
 
 KINDS = ("linear", "conv1x1", "conv3x3")
@@ -222,6 +221,5 @@ def lora_metadata(extraction: Extraction, rank: int, base_model: str, finetuned:
 def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """One ``.safetensors``, written atomically with its metadata keys in a fixed order."""
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-        sort_header_metadata(tmp)
+        write_safetensors(tmp, {key: pending(t) for key, t in tensors.items()}, metadata)
     return path

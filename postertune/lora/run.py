@@ -13,13 +13,12 @@ Every merge file is checked against the U-Net before anything is extracted or wr
 
 from __future__ import annotations
 
-import resource
-import sys
 from pathlib import Path
 
 from postertune.atomic import atomic_dir
 from postertune.lora.extract import extract, lora_metadata, lora_tensors, save_lora
 from postertune.lora.params import LoraParams
+from postertune.memory import resident_peak_mb
 from postertune.models.loading import POINTER_FILE, load_pipeline, read_pointer, save_unet
 from postertune.models.lora import LoraFile, merge_loras, read_lora, unet_layers
 from postertune.models.single_file import save_single_file
@@ -47,7 +46,7 @@ def run(params: LoraParams) -> dict:
         metrics = extract_all(params, tmp, device)
         if merges:
             metrics["merged_layers"] = merge_into_unet(params, merges, tmp)
-    metrics["peak_memory_mb"] = peak_memory_mb()
+    metrics["peak_memory_mb"] = round(resident_peak_mb(), 1)
     return metrics
 
 
@@ -123,16 +122,10 @@ def merge_into_unet(params: LoraParams, merges: list[tuple[LoraFile, float]], ou
     unet_dir = params.unet if params.merge_into == "finetuned" else None
     pipe = load_pipeline(params.base, unet_dir)
     changed = merge_loras(pipe.unet, merges)
-    save_unet(pipe.unet, out / MERGED_UNET, params.save_precision)
+    save_unet(pipe.unet, out / MERGED_UNET, params.save_precision, pipe.scheduler)
     save_single_file(
         out / MERGED_FILE, pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, params.save_precision
     )
     files = ", ".join(f"{lora.path}@{weight:g}" for lora, weight in merges)
     print(f"lora: merged {files} into the {params.merge_into} U-Net ({changed} layers) -> {params.output}/merged*")
     return changed
-
-
-def peak_memory_mb() -> float:
-    """This process's peak resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)

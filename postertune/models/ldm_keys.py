@@ -8,11 +8,16 @@ SDXL U-Net and VAE and for the tiny ones alike.
 
 Each ``*_prefix_map`` returns ``{diffusers module prefix: original module prefix}``;
 ``rename`` applies it to one state-dict key by its longest matching module prefix.
+``unet_blocks`` numbers the U-Net's blocks in the original layout, as kohya-ss's ``block_lr`` does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+# kohya-ss's UNET_NUM_BLOCKS_FOR_BLOCK_LR: the SDXL U-Net's blocks (the tiny U-Net has the same layout)
+SDXL_UNET_BLOCKS = 23
+UNET_SECTIONS = ("embeddings", "input_blocks", "middle_block", "output_blocks", "out")
 
 # diffusers ResnetBlock2D sub-module → original ResBlock sub-module
 UNET_RESNET_PARTS = {
@@ -93,6 +98,26 @@ def unet_prefix_map(config: Mapping) -> dict[str, str]:
                 m[f"up_blocks.{level}.upsamplers.0.conv"] = f"output_blocks.{index}.{slot}.conv"
             index += 1
     return m
+
+
+def unet_block(original_key: str) -> str:
+    """The block an original-layout U-Net key belongs to: ``embeddings`` (``time_embed``, ``label_emb``),
+    ``input_blocks.N``, ``middle_block.N``, ``output_blocks.N`` or ``out``."""
+    head, index = (original_key.split(".") + [""])[:2]
+    if head in ("time_embed", "label_emb"):
+        return "embeddings"
+    return "out" if head == "out" else f"{head}.{index}"
+
+
+def unet_blocks(config: Mapping) -> list[str]:
+    """Every block of the U-Net in kohya-ss's ``block_lr`` order: embeddings, input blocks, middle
+    block parts, output blocks, out (23 for SDXL)."""
+
+    def order(block: str) -> tuple[int, int]:
+        section, _, index = block.partition(".")
+        return UNET_SECTIONS.index(section), int(index or 0)
+
+    return sorted({unet_block(original) for original in unet_prefix_map(config).values()}, key=order)
 
 
 def vae_prefix_map(config: Mapping) -> dict[str, str]:

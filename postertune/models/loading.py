@@ -2,7 +2,8 @@
 
 The train stage loads its components with ``load_components`` and writes two folders:
 
-- ``models/unet/`` (``save_unet``): the fine-tuned U-Net, diffusers format, safetensors.
+- ``models/unet/`` (``save_unet``): the fine-tuned U-Net, diffusers format, safetensors, with
+  the sampler config of the noise schedule it was trained for (``models/schedule.py``).
 - ``models/base/`` (``save_base_folder``): the base the U-Net belongs with. For the tiny
   demo model it is a full diffusers folder (a few MB). For real weights, which already sit
   in the hub cache or in a local file, it is a pointer, ``base.json``, naming the
@@ -10,7 +11,7 @@ The train stage loads its components with ``load_components`` and writes two fol
   be waste. Relative paths in it are relative to the repository root, where stages run.
 
 Sample and evaluate then call ``load_pipeline("models/base", "models/unet")``, which reads
-either form; a full folder also loads with plain
+either form, and samples with the U-Net's own schedule; a full folder also loads with plain
 ``StableDiffusionXLPipeline.from_pretrained("models/base", unet=...)``.
 
 Only safetensors weights are loaded. Nothing here downloads unless the environment allows
@@ -33,12 +34,13 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from postertune.atomic import atomic_dir, write_json
 from postertune.errors import PipelineError
-from postertune.models.precision import Precision, cast_state_dict
+from postertune.models.precision import Precision
+from postertune.models.safetensors_writer import cast_when_written, write_safetensors
+from postertune.models.schedule import use_unet_schedule
 from postertune.models.sources import TINY, ModelSource, SourceKind, source_kind
 from postertune.models.tiny import build_tiny_pipeline
 from postertune.params import build
@@ -49,14 +51,29 @@ LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
+# A dtype for every component, or one per component name ("unet", "vae", "text_encoder",
+# "text_encoder_2") with a "default" for the rest, as diffusers' ``from_pretrained`` takes it.
+Dtypes = torch.dtype | dict[str, torch.dtype]
+WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def dtype_of(dtype: Dtypes, component: str) -> torch.dtype:
+    if isinstance(dtype, dict):
+        return dtype.get(component, dtype.get("default", torch.float32))
+    return dtype
+
+
 @dataclass
 class SDXLComponents:
-    """The parts of an SDXL base model that training uses, plus where they came from."""
+    """The parts of an SDXL base model that training uses, plus where they came from.
+
+    Training drops the VAE and text encoders (``None``) once nothing later in the run uses them.
+    """
 
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    text_encoder_2: CLIPTextModelWithProjection
+    vae: AutoencoderKL | None
+    text_encoder: CLIPTextModel | None
+    text_encoder_2: CLIPTextModelWithProjection | None
     tokenizer: CLIPTokenizer
     tokenizer_2: CLIPTokenizer
     noise_scheduler: DDPMScheduler  # for training: made from the base's scheduler config
@@ -83,8 +100,9 @@ def load_components(
     seed: int = 0,
     cache_dir: Path | None = None,
     single_file_config: str | None = None,
+    dtype: Dtypes = torch.float32,
 ) -> SDXLComponents:
-    """Load every SDXL component in float32 from ``base``, with the VAE from ``vae`` if given.
+    """Load every SDXL component from ``base``, with the VAE from ``vae`` if given, each in its ``dtype``.
 
     ``base``: ``"tiny"`` (built from ``seed``), a diffusers folder, a hub id such as
     ``stabilityai/stable-diffusion-xl-base-1.0``, or a single-file ``.safetensors`` in the
@@ -95,7 +113,7 @@ def load_components(
     a single-file VAE ``.safetensors`` (which takes the base VAE's architecture config).
     """
     source = ModelSource(base=base, vae=vae, single_file_config=single_file_config, seed=seed)
-    pipe = pipeline_from_source(source, cache_dir=cache_dir)
+    pipe = pipeline_from_source(source, dtype=dtype, cache_dir=cache_dir)
     return SDXLComponents(
         unet=pipe.unet,
         vae=pipe.vae,
@@ -117,42 +135,73 @@ def load_pipeline(
     cache_dir: Path | None = None,
 ) -> StableDiffusionXLPipeline:
     """The inference pipeline of a saved base (full folder or ``base.json`` pointer) or of a
-    source as ``load_components`` takes it, with the U-Net from ``unet_dir`` if given."""
+    source as ``load_components`` takes it, with the U-Net from ``unet_dir`` if given (and
+    the noise schedule saved with it)."""
     pointer = Path(base_dir_or_source) / POINTER_FILE
     source = read_pointer(pointer) if pointer.is_file() else ModelSource(base=str(base_dir_or_source))
-    unet = load_unet(unet_dir, dtype) if unet_dir is not None else None
-    return pipeline_from_source(source, dtype=dtype, unet=unet, cache_dir=cache_dir)
+    if unet_dir is None:
+        return pipeline_from_source(source, dtype=dtype, cache_dir=cache_dir)
+    pipe = pipeline_from_source(source, dtype=dtype, unet=load_unet(unet_dir, dtype), cache_dir=cache_dir)
+    use_unet_schedule(pipe, unet_dir)
+    return pipe
 
 
 def pipeline_from_source(
     source: ModelSource,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: Dtypes = torch.float32,
     unet: UNet2DConditionModel | None = None,
     cache_dir: Path | None = None,
 ) -> StableDiffusionXLPipeline:
-    """Load ``source`` as a pipeline; a given ``unet`` replaces the base's without loading it."""
+    """Load ``source`` as a pipeline, each component in its ``dtype``; a given ``unet`` replaces the
+    base's without loading it (and keeps its own dtype)."""
     kind = _check_source(source)
     given = {"unet": unet} if unet is not None else {}
     try:
         if kind == "tiny":
-            pipe = _tiny_pipeline(source.seed)
+            pipe = _tiny_pipeline(source.seed)  # built in float32, then cast: a few MB
             pipe.register_modules(**given)
-            if dtype != torch.float32:
-                pipe.to(dtype=dtype)
         elif kind == "file":
-            pipe = StableDiffusionXLPipeline.from_single_file(
-                source.base, config=source.single_file_config, dtype=dtype, cache_dir=cache_dir, **given
-            )
+            pipe = _single_file_pipeline(source, dtype, given, cache_dir)
         else:
             pipe = StableDiffusionXLPipeline.from_pretrained(
                 source.base, dtype=dtype, cache_dir=cache_dir, use_safetensors=True, **given
             )
     except LOAD_ERRORS as exc:
         raise PipelineError(f"base model {source.base}: cannot load: {_first_line(exc)}") from None
+    _cast_loaded(pipe, dtype, given)
     if source.vae is not None:
-        pipe.register_modules(vae=load_vae(source.vae, pipe.vae, source.seed, dtype, cache_dir))
+        pipe.register_modules(vae=load_vae(source.vae, pipe.vae, source.seed, dtype_of(dtype, "vae"), cache_dir))
     return pipe
+
+
+def _single_file_pipeline(
+    source: ModelSource, dtype: Dtypes, given: dict, cache_dir: Path | None
+) -> StableDiffusionXLPipeline:
+    """A single file holds every component: load them all at the widest dtype any of them needs
+    (casting down later is exact), except a U-Net whose dtype differs, loaded on its own."""
+    widest = max((dtype_of(dtype, name) for name in WEIGHTED if name != "unet"), key=lambda d: d.itemsize)
+    if "unet" not in given and dtype_of(dtype, "unet") != widest:
+        given = {
+            "unet": UNet2DConditionModel.from_single_file(
+                source.base,
+                config=source.single_file_config,
+                subfolder="unet",
+                dtype=dtype_of(dtype, "unet"),
+                cache_dir=cache_dir,
+            )
+        }
+    return StableDiffusionXLPipeline.from_single_file(
+        source.base, config=source.single_file_config, dtype=widest, cache_dir=cache_dir, **given
+    )
+
+
+def _cast_loaded(pipe: StableDiffusionXLPipeline, dtype: Dtypes, given: dict) -> None:
+    """Components the loader built in another dtype than asked (tiny, single file) are cast."""
+    for name in WEIGHTED:
+        module = getattr(pipe, name)
+        if name not in given and module.dtype != dtype_of(dtype, name):
+            module.to(dtype=dtype_of(dtype, name))
 
 
 def load_vae(
@@ -189,15 +238,21 @@ def load_unet(unet_dir: Path | str, dtype: torch.dtype = torch.float32) -> UNet2
         raise PipelineError(f"unet {unet_dir}: cannot load: {_first_line(exc)}") from None
 
 
-def save_unet(unet: UNet2DConditionModel, folder: Path | str, precision: Precision) -> Path:
-    """Write ``unet`` as a diffusers folder (config + safetensors) in ``precision``, atomically.
+def save_unet(
+    unet: UNet2DConditionModel, folder: Path | str, precision: Precision, schedule: SchedulerMixin | None = None
+) -> Path:
+    """Write ``unet`` as a diffusers folder (config + safetensors) in ``precision``, atomically,
+    one tensor at a time (no second copy of the weights); with ``schedule``, also the sampler
+    config it is to be sampled with (``scheduler_config.json``).
 
     The model itself is not cast. Pass the plain model, not one wrapped for distributed
     training or compiled.
     """
     with atomic_dir(folder) as tmp:
         unet.save_config(tmp)
-        save_file(cast_state_dict(unet.state_dict(), precision), tmp / UNET_WEIGHTS, metadata={"format": "pt"})
+        if schedule is not None:
+            schedule.save_config(tmp)
+        write_safetensors(tmp / UNET_WEIGHTS, cast_when_written(unet.state_dict(), precision), {"format": "pt"})
     return Path(folder)
 
 

@@ -24,12 +24,3 @@ def torch_dtype(precision: Precision) -> torch.dtype:
 def compute_dtype(mixed_precision: str) -> torch.dtype:
     """The dtype frozen models compute in under a ``mixed_precision`` setting (``no``: float32)."""
     return torch_dtype("float" if mixed_precision == "no" else mixed_precision)
-
-
-def cast_state_dict(state_dict: dict[str, torch.Tensor], precision: Precision) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU copies of floating-point tensors in ``precision``; the model is untouched."""
-    dtype = torch_dtype(precision)
-    return {
-        key: (t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu()).contiguous()
-        for key, t in state_dict.items()
-    }

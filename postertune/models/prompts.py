@@ -52,6 +52,10 @@ class PromptEncoder:
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_embeds ``[B, 77 * chunks, D1 + D2]``, pooled_prompt_embeds ``[B, P]``)."""
+        return self.encode(texts)
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As a call, with gradients flowing into encoders that train."""
         hidden = []
         for tokenizer, encoder in self.pairs:
             ids = chunk_ids(tokenizer, texts, self.chunks)

@@ -20,9 +20,13 @@ def render(
     width: int,
     height: int,
     max_token_length: int,
+    *,
+    guidance_rescale: float = 0.0,
 ) -> Image.Image:
     """The prompts are encoded here, in ``max_token_length`` chunks as training encodes captions;
-    an empty negative prompt is zeros where the model says so (SDXL base), as diffusers does."""
+    an empty negative prompt is zeros where the model says so (SDXL base), as diffusers does.
+    ``guidance_rescale`` (Lin et al. 2024) tempers the over-exposure that classifier-free
+    guidance gives a zero-terminal-SNR model; 0 leaves the guided prediction as it is."""
     encode = PromptEncoder(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, max_token_length)
     embeds, pooled = encode([prompt])
     if not negative_prompt and pipe.config.force_zeros_for_empty_prompt:
@@ -39,6 +43,7 @@ def render(
         negative_pooled_prompt_embeds=negative_pooled.to(dtype),
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale,
         width=width,
         height=height,
         generator=generator,

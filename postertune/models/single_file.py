@@ -13,17 +13,16 @@ parts under fixed prefixes:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from postertune.atomic import atomic_path
 from postertune.models.ldm_keys import open_clip_prefix_map, rename, unet_prefix_map, vae_prefix_map
-from postertune.models.precision import Precision, cast_state_dict
+from postertune.models.precision import Precision
+from postertune.models.safetensors_writer import Pending, cast_when_written, write_safetensors
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -104,39 +103,19 @@ def save_single_file(
     text_encoder_2: CLIPTextModelWithProjection,
     precision: Precision,
 ) -> Path:
-    """Write one SDXL checkpoint ``.safetensors`` (original layout) in ``precision``, atomically."""
-    tensors = cast_state_dict(original_state_dict(unet, vae, text_encoder, text_encoder_2), precision)
+    """Write one SDXL checkpoint ``.safetensors`` (original layout) in ``precision``, atomically,
+    one tensor at a time (no second copy of the models)."""
+    tensors = cast_when_written(original_state_dict(unet, vae, text_encoder, text_encoder_2), precision)
     return _save(path, tensors, SDXL_METADATA)
 
 
 def save_vae_single_file(path: Path | str, vae: AutoencoderKL, precision: Precision) -> Path:
     """Write a VAE alone as a single ``.safetensors`` in the original layout (no prefix)."""
-    return _save(path, cast_state_dict(vae_to_original(vae), precision), {"format": "pt"})
+    return _save(path, cast_when_written(vae_to_original(vae), precision), {"format": "pt"})
 
 
-def _save(path: Path | str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+def _save(path: Path | str, tensors: dict[str, Pending], metadata: dict[str, str]) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-        sort_header_metadata(tmp)
+        write_safetensors(tmp, tensors, metadata)
     return path
-
-
-def sort_header_metadata(path: Path) -> None:
-    """Put the header's ``__metadata__`` keys in sorted order, in place.
-
-    safetensors writes them in hash-map order, which changes from process to process, so two
-    identical runs would write different bytes and DVC would see a changed output. Same keys,
-    same values: the header keeps its length (padding included) and every tensor its offset.
-    """
-    with open(path, "r+b") as f:
-        size = int.from_bytes(f.read(8), "little")
-        raw = f.read(size)
-        header = json.loads(raw)
-        if "__metadata__" in header:
-            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > size:
-            raise AssertionError(f"{path}: re-serialised header grew from {size} to {len(text)} bytes")
-        f.seek(8)
-        f.write(text.ljust(size, b" "))

@@ -10,13 +10,16 @@ from postertune.fingerprint import fingerprint_files, fingerprint_json
 from postertune.models.loading import load_pipeline, load_unet, pipeline_from_source
 from postertune.models.lora import check_loras, merge_loras
 from postertune.models.precision import Precision, torch_dtype
+from postertune.models.schedule import unet_schedule, use_unet_schedule
 from postertune.models.sources import ModelSource, validate_model_source
+from postertune.models.text_encoders import load_text_encoders, saved_text_encoders
 from postertune.params import ParamError
-from postertune.sample.params import SampledModel
+from postertune.sample.params import SampledModel, SchedulerName
+from postertune.sample.schedulers import check_sampler
 
 
-def check_models(models: list[SampledModel]) -> None:
-    """Every source a model names can be loaded from, before anything loads."""
+def check_models(models: list[SampledModel], scheduler: SchedulerName) -> None:
+    """Every source a model names can be loaded from, and sampled with ``scheduler``, before anything loads."""
     for i, model in enumerate(models):
         where = f"sample.models[{i}]"
         validate_model_source(f"{where}.base", model.base)
@@ -29,6 +32,10 @@ def check_models(models: list[SampledModel]) -> None:
         if model.unet is not None and not (model.unet / "config.json").is_file():
             what = "is not a diffusers U-Net folder (no config.json)" if model.unet.is_dir() else "does not exist"
             raise ParamError(f"{where}.unet", f"{model.unet} {what}")
+        if model.unet is not None and (schedule := unet_schedule(model.unet)) is not None:
+            check_sampler(scheduler, schedule, model.name)
+        if model.text_encoders is not None and not model.text_encoders.is_dir():
+            raise ParamError(f"{where}.text_encoders", f"{model.text_encoders} is not a folder")
         for j, lora in enumerate(model.loras):
             if not lora.path.is_file():
                 raise ParamError(f"{where}.loras[{j}].path", f"{lora.path} does not exist")
@@ -56,6 +63,8 @@ def fingerprints(models: list[SampledModel]) -> dict[str, str]:
         parts = {"base": source_hash(model.base)}
         if model.unet is not None:
             parts["unet"] = source_hash(model.unet)
+        if model.text_encoders is not None and saved_text_encoders(model.text_encoders):
+            parts["text_encoders"] = source_hash(model.text_encoders)
         if model.single_file_config is not None:
             parts["single_file_config"] = source_hash(model.single_file_config, weights=False)
         if model.loras:
@@ -72,6 +81,10 @@ def load_model(model: SampledModel, precision: Precision, device: str) -> Stable
         unet = load_unet(model.unet, dtype) if model.unet is not None else None
         source = ModelSource(base=model.base, single_file_config=model.single_file_config)
         pipe = pipeline_from_source(source, dtype=dtype, unet=unet)
+        if model.unet is not None:
+            use_unet_schedule(pipe, model.unet)
+    if model.text_encoders is not None:
+        load_text_encoders(pipe, model.text_encoders, dtype)
     if model.loras:
         merge_loras(pipe.unet, check_loras([(lora.path, lora.weight) for lora in model.loras], pipe.unet))
     pipe.set_progress_bar_config(disable=True)

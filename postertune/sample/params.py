@@ -34,6 +34,7 @@ class SampledModel:
     name: str
     base: str
     unet: Path | None = None  # a diffusers U-Net folder that replaces the base's U-Net
+    text_encoders: Path | None = None  # trained encoders as train writes them: each one there replaces the base's
     single_file_config: str | None = None  # single file only: a diffusers folder or hub id with its configs
     loras: list[LoraWeight] = field(default_factory=list)  # merged into the U-Net, in order
 
@@ -55,6 +56,9 @@ class SampleParams:
     scheduler: SchedulerName = "euler"
     steps: Annotated[int, Bounds(ge=1)] = 4
     guidance_scale: Annotated[float, Bounds(ge=0)] = 5.0
+    # rescales the guided prediction toward the conditional one's std (Lin et al. 2024): e.g. 0.7
+    # for a v-prediction, zero-terminal-SNR fine-tune; 0 leaves it as it is
+    guidance_rescale: Annotated[float, Bounds(ge=0, le=1)] = 0.0
     width: Annotated[int, Bounds(ge=8), MultipleOf(8)] = 64  # the VAE downscales by 8
     height: Annotated[int, Bounds(ge=8), MultipleOf(8)] = 96
     precision: Precision = "float"
@@ -91,6 +95,7 @@ class SampleParams:
             scheduler=self.scheduler,
             steps=self.steps,
             guidance_scale=self.guidance_scale,
+            guidance_rescale=self.guidance_rescale,
             width=self.width,
             height=self.height,
             precision=self.precision,

@@ -3,7 +3,9 @@
 An image is identified by a key over the model's content hash, the prompt, the negative
 prompt, the seed and the render settings. A rerun keeps every image whose key and bytes
 still match the manifest and renders the rest; the manifest is rewritten (atomically)
-after every image, so a killed run loses at most the image in flight.
+after every image, so a killed run loses at most the image in flight. Launched processes
+each render a contiguous block of the missing images, recording every one in a part of
+the manifest; the main process folds the parts in at the end.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from tqdm import tqdm
 from postertune.atomic import write_bytes
 from postertune.fingerprint import short_fingerprint
 from postertune.imagesafe import load_image
+from postertune.launch import ONE_PROCESS, Processes
 from postertune.models.prompts import chunks_needed
 from postertune.models.render import render
 from postertune.models.tokenizer import clip_tokenizer
 from postertune.sample.grid import make_grid
-from postertune.sample.manifest import file_sha256, read_manifest, write_manifest
+from postertune.sample.manifest import file_sha256, read_manifest, read_parts, remove_parts, write_manifest, write_part
 from postertune.sample.models import load_model
-from postertune.sample.params import SampleParams
+from postertune.sample.params import SampledModel, SampleParams
 from postertune.sample.prompts import Prompt, combine_negative
 from postertune.sample.schedulers import make_scheduler
 
@@ -124,6 +127,13 @@ def _png(image: Image.Image, job: Job) -> bytes:
     return buffer.getvalue()
 
 
+def model_pipeline(model: SampledModel, params: SampleParams) -> StableDiffusionXLPipeline:
+    """``model`` loaded to render with the named sampler on its own noise schedule."""
+    pipe = load_model(model, params.precision, params.torch_device)
+    pipe.scheduler = make_scheduler(params.scheduler, pipe.scheduler.config, model.name)
+    return pipe
+
+
 def render_one(pipe: StableDiffusionXLPipeline, job: Job, params: SampleParams) -> Image.Image:
     return render(
         pipe,
@@ -135,41 +145,59 @@ def render_one(pipe: StableDiffusionXLPipeline, job: Job, params: SampleParams) 
         params.width,
         params.height,
         params.max_token_length,
+        guidance_rescale=params.guidance_rescale,
     )
 
 
-def render_jobs(jobs: list[Job], params: SampleParams) -> RenderResult:
+def render_jobs(jobs: list[Job], params: SampleParams, processes: Processes = ONE_PROCESS) -> RenderResult | None:
+    """Render the jobs not already on disk. Launched as several processes, each renders its
+    share and records it in parts; the main process merges them (the others return None)."""
     output = params.output
-    earlier = read_manifest(output)
+    earlier = read_manifest(output) | read_parts(output)
     done: dict[str, dict[str, str]] = {}
-    todo: list[Job] = []
+    missing: list[Job] = []
     for job in jobs:
         row = earlier.get(job.path)
         if row and row["key"] == job.key and file_sha256(output / job.path) == row["sha256"]:
             done[job.path] = row
         else:
-            todo.append(job)
+            missing.append(job)
     order = [job.path for job in jobs]
 
     def save_manifest() -> None:
         write_manifest(output, [done[p] for p in order if p in done])
 
-    save_manifest()
+    def record(path: str) -> None:
+        if processes.count == 1:
+            save_manifest()
+        else:
+            write_part(output, done[path])
+
+    todo = processes.share(missing)  # contiguous: each process loads as few models as it can
+    if processes.count == 1:
+        save_manifest()
     sources = {m.name: m for m in params.models}
     started = time.monotonic()
     with tqdm(total=len(todo), desc="sample", unit="image") as bar:
         for name in dict.fromkeys(job.model for job in todo):
-            pipe = load_model(sources[name], params.precision, params.torch_device)
-            pipe.scheduler = make_scheduler(params.scheduler, pipe.scheduler.config)
+            pipe = model_pipeline(sources[name], params)
             for job in (j for j in todo if j.model == name):
                 data = _png(render_one(pipe, job, params), job)
                 write_bytes(output / job.path, data)
                 done[job.path] = job.row(hashlib.sha256(data).hexdigest())
-                save_manifest()
+                record(job.path)
                 bar.update()
             del pipe  # free this model before the next one loads
+    processes.wait()
+    if not processes.main:
+        return None
+    if processes.count > 1:
+        parts = read_parts(output)
+        done.update((job.path, parts[job.path]) for job in missing)
+        save_manifest()
+    remove_parts(output)
     prune(output, {job.path for job in jobs})
-    return RenderResult(rendered=len(todo), reused=len(jobs) - len(todo), seconds=time.monotonic() - started)
+    return RenderResult(rendered=len(missing), reused=len(jobs) - len(missing), seconds=time.monotonic() - started)
 
 
 def prune(output: Path, keep: set[str]) -> None:

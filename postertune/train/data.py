@@ -23,9 +23,10 @@ from postertune.params import ParamError
 from postertune.train.buckets import Bucket, make_buckets, nearest_bucket, plan_crop
 from postertune.train.captions import CaptionPolicy
 from postertune.train.latent_cache import LatentCache, LatentEntry
-from postertune.train.loss import draw_noise
+from postertune.train.noise import NoiseRecipe, draw_noise, perturb
 from postertune.train.params import TrainParams
 from postertune.train.text import TextCache
+from postertune.train.timesteps import TimestepSampler
 
 REQUIRED_COLUMNS = ("sha256", "caption", "width", "height")
 
@@ -151,7 +152,8 @@ class BucketBatchSampler:
 
 class TrainDataset(torch.utils.data.Dataset):
     """Item ``(example index, sample seed)`` → one sample: cached latent, its time_ids, the
-    caption of this step (or its cached embeddings), noise and timestep."""
+    caption of this step (or its cached embeddings), noise and timestep; under input
+    perturbation also ``input_noise``, the noise the latent is diffused with."""
 
     def __init__(
         self,
@@ -160,11 +162,11 @@ class TrainDataset(torch.utils.data.Dataset):
         latents: LatentCache,
         texts: TextCache | None,
         policy: CaptionPolicy,
-        noise_offset: float,
-        num_train_timesteps: int,
+        noise: NoiseRecipe,
+        timesteps: TimestepSampler,
     ):
         self.examples, self.entries, self.latents, self.texts = examples, entries, latents, texts
-        self.policy, self.noise_offset, self.num_train_timesteps = policy, noise_offset, num_train_timesteps
+        self.policy, self.noise, self.timesteps = policy, noise, timesteps
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -175,12 +177,10 @@ class TrainDataset(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(derive_seed(seed, 1))  # noise and timestep
         example = self.examples[index]
         latent, time_ids = self.latents.load(rng.choice(self.entries[index]))
-        sample = {
-            "latent": latent,
-            "time_ids": time_ids,
-            "noise": draw_noise(latent.shape, generator, self.noise_offset),
-            "timestep": torch.randint(0, self.num_train_timesteps, (), generator=generator),
-        }
+        noise = draw_noise(latent.shape, generator, self.noise)
+        sample = {"latent": latent, "time_ids": time_ids, "noise": noise, "timestep": self.timesteps.draw(generator)}
+        if self.noise.input_perturbation:
+            sample["input_noise"] = perturb(noise, generator, self.noise.input_perturbation)
         if self.texts is None:
             sample["caption"] = self.policy.choose(example.caption, example.caption_long, rng)
         else:

@@ -25,5 +25,7 @@ class UNetEMA:
             parameters = [torch.nn.Parameter(p.detach().to(self.device)) for p in parameters]
         self.model.step(parameters)
 
-    def copy_to(self, parameters: list[torch.nn.Parameter]) -> None:
+    def move_to(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Copy the averages into ``parameters`` and free them: the run is over."""
         self.model.copy_to(parameters)
+        self.model.shadow_params = []

@@ -1,5 +1,7 @@
 """Optimizers and learning-rate schedules by name, and Adafactor fused into the backward pass.
 
+Prodigy (``prodigyopt``) estimates its own step size; ``learning_rate`` scales that estimate.
+
 With ``fused_backward_pass`` each parameter is updated by Adafactor the moment its
 gradient is complete and the gradient is freed at once, so the full set of U-Net
 gradients never sits in memory together (kohya-ss's trick for training the SDXL U-Net
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from diffusers.optimization import get_scheduler
+from prodigyopt import Prodigy
 from transformers.optimization import Adafactor, AdafactorSchedule
 
 from postertune.params import ParamError
@@ -49,10 +52,13 @@ def optimizer_class(name: str, fused_backward_pass: bool = False) -> type[torch.
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit
+    if name == "Prodigy":
+        return Prodigy
     return FusedAdafactor if fused_backward_pass else Adafactor
 
 
-def make_optimizer(params: TrainParams, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(params: TrainParams, parameters: Iterable[torch.nn.Parameter] | list[dict]) -> torch.optim.Optimizer:
+    """``parameters``: weights, or parameter groups (``groups.param_groups``) whose ``lr`` overrides the default."""
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in params.optimizer_args.items()}
     cls = optimizer_class(params.optimizer, params.fused_backward_pass)
     return cls(parameters, lr=params.learning_rate, **args)
@@ -70,14 +76,22 @@ def make_lr_scheduler(params: TrainParams, optimizer: torch.optim.Optimizer) -> 
     )
 
 
-def fuse_into_backward(optimizer: FusedAdafactor, parameters: Iterable[torch.nn.Parameter]) -> list:
-    """Step each parameter as soon as backward has accumulated its gradient, then free that gradient."""
+def fuse_into_backward(optimizer: FusedAdafactor) -> list:
+    """Step each of the optimizer's parameters as soon as backward has accumulated its gradient,
+    then free that gradient."""
 
     def step_and_free(param: torch.nn.Parameter) -> None:
         optimizer.step_param(param)
         param.grad = None
 
-    return [p.register_post_accumulate_grad_hook(step_and_free) for p in parameters]
+    return [p.register_post_accumulate_grad_hook(step_and_free) for p in optimizer.group_position]
+
+
+def release_optimizer_state(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Free the optimizer's per-weight state and the gradients once no step follows (before saving)."""
+    optimizer.state.clear()
+    for param in parameters:
+        param.grad = None
 
 
 def check_optimizer_args(params: TrainParams) -> None:

@@ -7,8 +7,8 @@ from a checkpoint continues exactly where the interrupted run was.
 
 from __future__ import annotations
 
+import gc
 import logging
-import resource
 import time
 from pathlib import Path
 
@@ -19,17 +19,47 @@ from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from postertune.fingerprint import fingerprint_json, fingerprint_module
-from postertune.models.loading import SDXLComponents, load_components, save_base_folder, save_unet
+from postertune.memory import PhaseMemory
+from postertune.models.loading import (
+    SDXLComponents,
+    load_components,
+    pipeline_from_source,
+    save_base_folder,
+    save_unet,
+)
+from postertune.models.precision import torch_dtype
+from postertune.models.prompts import PromptEncoder
 from postertune.models.single_file import save_single_file
+from postertune.models.text_encoders import TEXT_ENCODERS, save_text_encoders
 from postertune.train.buckets import make_buckets, nearest_bucket
 from postertune.train.checkpoint import Checkpoints
 from postertune.train.data import BucketBatchSampler, TrainDataset, collate
 from postertune.train.ema import UNetEMA
-from postertune.train.optim import check_optimizer_args, fuse_into_backward, make_lr_scheduler, make_optimizer
+from postertune.train.groups import logged_rates, param_groups, unfreeze_text_encoders
+from postertune.train.loss import LossRecipe
+from postertune.train.noise import NoiseRecipe
+from postertune.train.optim import (
+    check_optimizer_args,
+    fuse_into_backward,
+    make_lr_scheduler,
+    make_optimizer,
+    release_optimizer_state,
+)
 from postertune.train.params import TrainParams
-from postertune.train.sampling import SampleSpec, sample_images
-from postertune.train.setup import Caches, Inputs, check_inputs, fill_caches, make_accelerator, place_models
-from postertune.train.step import StepConfig, to_device, training_step
+from postertune.train.sampling import SampleSpec, frozen_on, sample_images
+from postertune.train.setup import (
+    Caches,
+    Inputs,
+    check_inputs,
+    component_dtypes,
+    fill_caches,
+    make_accelerator,
+    place_models,
+    release_frozen,
+    set_schedule,
+)
+from postertune.train.step import StepConfig, TextTraining, to_device, training_step
+from postertune.train.timesteps import TimestepSampler
 from postertune.train.tracking import TrainLog
 from postertune.train.validation import build_validation_batches, validation_loss
 
@@ -47,10 +77,17 @@ def run(params: TrainParams) -> dict | None:
     inputs = check_inputs(params)
     accelerator = make_accelerator(params)
     main, device = accelerator.is_main_process, accelerator.device
+    memory = PhaseMemory(device)
 
-    components = load_components(params.base, params.vae, seed=TINY_BASE_SEED)
-    vae_dtype = place_models(params, components, device)
-    caches = fill_caches(params, inputs, components, vae_dtype, accelerator)
+    memory.start("load")
+    components = load_components(params.base, params.vae, seed=TINY_BASE_SEED, dtype=component_dtypes(params))
+    set_schedule(params, components)
+    place_models(params, components, device)
+    text_encoders = unfreeze_text_encoders(params, components)
+    groups = param_groups(params, components.unet, text_encoders)
+
+    memory.start("cache")
+    caches = fill_caches(params, inputs, components, accelerator)
     unet, noise_scheduler = components.unet, components.noise_scheduler
     global_batch = params.batch_size * accelerator.num_processes * params.gradient_accumulation_steps
     identity = run_identity(params, inputs, components, caches, global_batch)
@@ -58,14 +95,30 @@ def run(params: TrainParams) -> dict | None:
         params.output_dir / "checkpoints", fingerprint_json(identity), params.checkpoints.total_limit
     )
 
-    optimizer = make_optimizer(params, unet.parameters())
+    def validation_batches() -> list[dict]:
+        return build_validation_batches(
+            inputs.validation,
+            caches.plans[len(inputs.train) :],
+            caches.latents,
+            caches.encode,
+            caches.policy,
+            params.validation.timesteps,
+            params.seed,
+        )
+
+    validation = validation_batches()  # before the text encoders may go
+    caches = release_frozen(params, components, caches)
+
+    memory.start("train")
+    optimizer = make_optimizer(params, groups)
     lr_scheduler = make_lr_scheduler(params, optimizer)
     ema = None
     if params.use_ema:
         ema = UNetEMA(unet, params.ema_decay, torch.device("cpu") if params.ema_device == "cpu" else device)
     if params.fused_backward_pass:
-        fuse_into_backward(optimizer, unet.parameters())
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+        fuse_into_backward(optimizer)
+    unet, optimizer, *prepared = accelerator.prepare(unet, optimizer, *text_encoders.values())
+    text = text_training(params, components, dict(zip(text_encoders, prepared, strict=True)))
     accelerator.register_for_checkpointing(lr_scheduler)
     if ema is not None:
         accelerator.register_for_checkpointing(ema.model)
@@ -79,31 +132,24 @@ def run(params: TrainParams) -> dict | None:
     start_step = state["step"]
 
     loader = make_loader(params, inputs, caches, accelerator, noise_scheduler.config.num_train_timesteps, start_step)
-    validation = build_validation_batches(
-        inputs.validation,
-        caches.plans[len(inputs.train) :],
-        caches.latents,
-        caches.encode,
-        caches.policy,
-        params.validation.timesteps,
-        params.seed,
-    )
     tracker = TrainLog(LIVE_DIR, start_step if latest is not None else None, main)
-    step_config = StepConfig(params.snr_gamma, params.max_grad_norm, params.fused_backward_pass, params.channels_last)
+    step_config = StepConfig(
+        LossRecipe.from_params(params), params.max_grad_norm, params.fused_backward_pass, params.channels_last
+    )
 
     def evaluate(step: int) -> float | None:
         if not validation:
             return None
-        value = validation_loss(unet, validation, noise_scheduler, accelerator)
+        # while the encoders train, the captions' encodings change
+        batches = validation if text is None else validation_batches()
+        value = validation_loss(unet, batches, noise_scheduler, accelerator)
         tracker.metrics(step, {"val/loss": value})
         return value
 
     def sample(step: int) -> None:
         if main and params.samples.prompts:
-            components.vae.to(device)
-            with accelerator.autocast():
+            with frozen_on(components, device), accelerator.autocast():
                 images = sample_images(components, accelerator.unwrap_model(unet), sample_spec(params))
-            components.vae.to("cpu")
             tracker.images(step, images)
         accelerator.wait_for_everyone()
 
@@ -117,10 +163,10 @@ def run(params: TrainParams) -> dict | None:
         losses = []
         for _ in range(params.gradient_accumulation_steps):  # the last micro-batch updates the weights
             batch = next(batches)
-            if "captions" in batch:
+            if "captions" in batch and text is None:
                 batch["prompt_embeds"], batch["pooled_prompt_embeds"] = caches.encode(batch.pop("captions"))
             batch = to_device(batch, device, params.channels_last)
-            result = training_step(batch, unet, noise_scheduler, optimizer, accelerator, step_config, step + 1)
+            result = training_step(batch, unet, noise_scheduler, optimizer, accelerator, step_config, step + 1, text)
             losses.append(result.loss)
         if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps that overflowed
             lr_scheduler.step()
@@ -133,9 +179,9 @@ def run(params: TrainParams) -> dict | None:
         state = {"step": step, "images_seen": state["images_seen"] + global_batch, "train_loss": train_loss}
         metrics = {
             "train/loss": train_loss,
-            "train/lr": lr_scheduler.get_last_lr()[0],
+            **logged_rates(params, optimizer.param_groups, lr_scheduler.get_last_lr()),
             "train/images_per_s": images_this_run / busy_seconds,
-            "train/peak_memory_mb": peak_memory_mb(device),
+            "train/peak_memory_mb": memory.peak_mb(),
         }
         if result.grad_norm is not None:
             metrics["train/grad_norm"] = result.grad_norm
@@ -150,24 +196,34 @@ def run(params: TrainParams) -> dict | None:
             checkpoints.save(accelerator, state, identity)
             saved_step = step
     progress.close()
-
-    if step != saved_step:
-        checkpoints.save(accelerator, state, identity)
     if val_step != step or val_loss is None:
         val_loss = evaluate(step)
     tracker.close()
+
+    memory.start("checkpoint")
+    if step != saved_step:
+        checkpoints.save(accelerator, state, identity)
+
+    memory.start("save")
     final = final_unet(accelerator, unet)
+    release_optimizer_state(optimizer, [p for group in groups for p in group["params"]])
+    if ema is not None:
+        ema.move_to(list(final.parameters()))
+    # the frozen models are reloaded to be written; the text encoders that trained are kept
+    components.vae = components.text_encoder = components.text_encoder_2 = caches = None
+    gc.collect()  # modules in reference cycles would otherwise wait for the collector
     if main:
-        save_outputs(params, components, final, ema)
+        save_outputs(params, components, final, text_encoders)
     accelerator.wait_for_everyone()
+    memory.stop()
     if not main:
         return None
     metrics = {
         "steps": step,
         "images_seen": state["images_seen"],
         "images_per_s": images_this_run / busy_seconds if busy_seconds else 0.0,
-        "peak_memory_mb": peak_memory_mb(device),
-        "trainable_params": sum(p.numel() for p in final.parameters()),
+        "trainable_params": sum(p.numel() for group in groups for p in group["params"]),
+        **memory.metrics(),
     }
     if state["train_loss"] is not None:
         metrics["train_loss"] = state["train_loss"]
@@ -195,7 +251,13 @@ def make_loader(
     )
     sampler.start = start_step * params.gradient_accumulation_steps
     dataset = TrainDataset(
-        inputs.train, plans, caches.latents, caches.texts, caches.policy, params.noise_offset, num_train_timesteps
+        inputs.train,
+        plans,
+        caches.latents,
+        caches.texts,
+        caches.policy,
+        NoiseRecipe.from_params(params),
+        TimestepSampler(params, num_train_timesteps),
     )
     return torch.utils.data.DataLoader(
         dataset,
@@ -204,6 +266,23 @@ def make_loader(
         num_workers=params.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
+
+
+def text_training(
+    params: TrainParams, components: SDXLComponents, prepared: dict[str, torch.nn.Module]
+) -> TextTraining | None:
+    """Caption encoding inside each step, through the prepared encoders, when any encoder trains."""
+    if not prepared:
+        return None
+    encoders = {name: prepared.get(name, getattr(components, name)) for name in TEXT_ENCODERS}
+    encode = PromptEncoder(
+        components.tokenizer,
+        components.tokenizer_2,
+        encoders["text_encoder"],
+        encoders["text_encoder_2"],
+        params.max_token_length,
+    )
+    return TextTraining(encode, tuple(prepared.values()))
 
 
 def run_identity(
@@ -220,13 +299,6 @@ def run_identity(
     }
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory, or on a CPU run the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def sample_spec(params: TrainParams) -> SampleSpec:
     buckets = make_buckets(
         params.resolution, params.bucket_step, params.min_bucket_reso, params.max_bucket_reso, params.max_aspect_ratio
@@ -238,6 +310,7 @@ def sample_spec(params: TrainParams) -> SampleSpec:
         params.samples.seed,
         params.samples.steps,
         params.samples.guidance_scale,
+        params.samples.guidance_rescale,
         size.width,
         size.height,
         params.max_token_length,
@@ -256,18 +329,31 @@ def final_unet(accelerator: Accelerator, unet) -> UNet2DConditionModel:
     return gathered
 
 
-def save_outputs(params: TrainParams, components: SDXLComponents, unet, ema: UNetEMA | None) -> None:
-    """``models/unet`` (diffusers), the single-file checkpoint, and ``models/base`` for sampling."""
-    if ema is not None:
-        ema.copy_to(list(unet.parameters()))
+def save_outputs(
+    params: TrainParams,
+    components: SDXLComponents,
+    unet: UNet2DConditionModel,
+    trained_encoders: dict[str, torch.nn.Module],
+) -> None:
+    """``models/unet`` (diffusers), the single-file checkpoint, ``models/text_encoders`` (the encoders
+    that trained, if any) and ``models/base`` for sampling.
+
+    Each file is written one tensor at a time. The single file's VAE and frozen text encoders
+    are loaded again, in the save precision, from the base: what it carries is the base's own
+    weights, whatever dtype training held them in.
+    """
     out = params.output_dir
-    save_unet(unet, out / "unet", params.save_precision)
+    save_unet(unet, out / "unet", params.save_precision, components.scheduler)
+    frozen = pipeline_from_source(components.source, dtype=torch_dtype(params.save_precision), unet=unet)
+    encoders = {name: trained_encoders.get(name, getattr(frozen, name)) for name in TEXT_ENCODERS}
     save_single_file(
         out / "sdxl-poster.safetensors",
         unet,
-        components.vae,
-        components.text_encoder,
-        components.text_encoder_2,
+        frozen.vae,
+        encoders["text_encoder"],
+        encoders["text_encoder_2"],
         params.save_precision,
     )
+    del frozen, encoders
+    save_text_encoders(out / "text_encoders", trained_encoders, params.save_precision)
     save_base_folder(components.source, out / "base")

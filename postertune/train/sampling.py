@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +20,24 @@ class SampleSpec:
     seed: int
     steps: int
     guidance_scale: float
+    guidance_rescale: float
     width: int
     height: int
     max_token_length: int
+
+
+@contextmanager
+def frozen_on(components: SDXLComponents, device: torch.device) -> Iterator[None]:
+    """The VAE and text encoders on ``device`` for a while: those waiting on the CPU come and go back."""
+    frozen = (components.vae, components.text_encoder, components.text_encoder_2)
+    away = [module for module in frozen if module.device.type != device.type]
+    for module in away:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in away:
+            module.to("cpu")
 
 
 @torch.no_grad()
@@ -40,5 +57,6 @@ def sample_images(components: SDXLComponents, unet, spec: SampleSpec) -> dict[st
             spec.width,
             spec.height,
             spec.max_token_length,
+            guidance_rescale=spec.guidance_rescale,
         )
     return images

@@ -1,8 +1,10 @@
-"""Before the first step: check params and data, start accelerate, place the models, fill the caches."""
+"""Before the first step: check params and data, start accelerate, set the noise schedule, place the
+models, fill the caches."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
@@ -11,6 +13,7 @@ from accelerate.utils import DistributedType
 from postertune.models.loading import SDXLComponents
 from postertune.models.precision import compute_dtype
 from postertune.models.prompts import PromptEncoder
+from postertune.models.schedule import inference_scheduler, training_scheduler
 from postertune.models.sources import validate_model_source
 from postertune.params import ParamError
 from postertune.store import ShardStore
@@ -19,6 +22,8 @@ from postertune.train.data import Example, plan_entries, read_examples, split_va
 from postertune.train.latent_cache import LatentCache, LatentEntry, vae_cache_id
 from postertune.train.params import TrainParams, check_runtime
 from postertune.train.text import TextCache
+
+log = logging.getLogger(__name__)
 
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
@@ -59,29 +64,52 @@ def make_accelerator(params: TrainParams) -> Accelerator:
             raise ParamError("train.use_ema", "not available with sharded training (FSDP, DeepSpeed)")
         if params.samples.every_n_steps:
             raise ParamError("train.samples.every_n_steps", "must be 0 with sharded training (FSDP, DeepSpeed)")
+        for name in ("train_text_encoder", "block_lr"):
+            if getattr(params, name):
+                raise ParamError(f"train.{name}", "not available with sharded training (FSDP, DeepSpeed)")
     return accelerator
 
 
-def place_models(params: TrainParams, components: SDXLComponents, device: torch.device) -> torch.dtype:
-    """Freeze and place the VAE and text encoders; make every U-Net weight trainable. Returns the VAE dtype."""
-    weight_dtype = compute_dtype(params.mixed_precision)
-    vae_dtype = torch.float32 if params.no_half_vae else weight_dtype
-    for frozen, dtype in (
-        (components.vae, vae_dtype),
-        (components.text_encoder, weight_dtype),
-        (components.text_encoder_2, weight_dtype),
-    ):
+def set_schedule(params: TrainParams, components: SDXLComponents) -> None:
+    """Train (and sample during training) with the recipe's prediction type and noise schedule."""
+    base = components.noise_scheduler.config
+    wanted = (params.prediction_type, params.rescale_betas_zero_snr)
+    if (base.prediction_type, base.get("rescale_betas_zero_snr", False)) != wanted:
+        log.warning(
+            "the base predicts %s (zero terminal SNR: %s); this run retrains it to predict %s (zero terminal SNR: %s)",
+            base.prediction_type,
+            base.get("rescale_betas_zero_snr", False),
+            *wanted,
+        )
+    components.noise_scheduler = training_scheduler(base, *wanted)
+    components.scheduler = inference_scheduler(components.scheduler, *wanted)
+
+
+def component_dtypes(params: TrainParams) -> dict[str, torch.dtype]:
+    """The dtype each component trains or computes in, so that each loads in it directly: the frozen
+    VAE and text encoders in half precision under mixed precision (the VAE in float32 with
+    ``no_half_vae``), the U-Net and any text encoder that trains in float32 master weights (bf16
+    with ``full_bf16``)."""
+    frozen = compute_dtype(params.mixed_precision)
+    master = torch.bfloat16 if params.full_bf16 else torch.float32
+    return {
+        "unet": master,
+        "vae": torch.float32 if params.no_half_vae else frozen,
+        **{name: master for name in params.text_encoder_rates},  # text encoders that train
+        "default": frozen,  # the frozen text encoders
+    }
+
+
+def place_models(params: TrainParams, components: SDXLComponents, device: torch.device) -> None:
+    """Freeze and place the VAE and text encoders; make every U-Net weight trainable."""
+    for frozen in (components.vae, components.text_encoder, components.text_encoder_2):
         frozen.requires_grad_(False).eval().to(device)
-        if frozen.dtype != dtype:
-            frozen.to(dtype=dtype)
     unet = components.unet
     # a bucket side must survive the VAE's and then the U-Net's downsamplings without remainder
     multiple = 2 ** (len(components.vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
     if params.bucket_step % multiple:
         raise ParamError("train.bucket_step", f"must be a multiple of {multiple} for this VAE and U-Net")
     unet.requires_grad_(True).train()
-    if params.full_bf16:
-        unet.to(dtype=torch.bfloat16)
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if params.channels_last:
@@ -89,7 +117,6 @@ def place_models(params: TrainParams, components: SDXLComponents, device: torch.
     unet.to(device)
     if not all(p.requires_grad for p in unet.parameters()):
         raise AssertionError("every U-Net parameter must train")
-    return vae_dtype
 
 
 @dataclass(frozen=True)
@@ -97,18 +124,16 @@ class Caches:
     plans: list[list[LatentEntry]]  # per example (train, then validation): its cached crops
     latents: LatentCache
     texts: TextCache | None  # None when captions change from step to step
-    encode: PromptEncoder
+    encode: PromptEncoder | None  # None once the text encoders are freed (``release_frozen``)
     policy: CaptionPolicy
 
 
-def fill_caches(
-    params: TrainParams, inputs: Inputs, components: SDXLComponents, vae_dtype: torch.dtype, accelerator: Accelerator
-) -> Caches:
-    """Encode what is not cached yet, each process a share; then free the accelerator of the VAE."""
+def fill_caches(params: TrainParams, inputs: Inputs, components: SDXLComponents, accelerator: Accelerator) -> Caches:
+    """Encode what is not cached yet, each process a share."""
     share = slice(accelerator.process_index, None, accelerator.num_processes)
     show = accelerator.is_main_process
     plans = plan_entries(inputs.train + inputs.validation, params)
-    latents = LatentCache(params.cache_dir, vae_cache_id(components.vae, vae_dtype, params.background))
+    latents = LatentCache(params.cache_dir, vae_cache_id(components.vae, components.vae.dtype, params.background))
     entries = [entry for plan in plans for entry in plan]
     with ShardStore(params.shards) as store:
         latents.fill(
@@ -123,10 +148,33 @@ def fill_caches(
     )
     policy = CaptionPolicy.from_params(params)
     texts = None
-    if not params.augments_captions:
+    if params.train_text_encoder and show:
+        log.info("text encoders train: captions are encoded at every step, not cached")
+    if params.caches_text:
         texts = TextCache(params.cache_dir, encode.cache_id)
         captions = [policy.fixed(e.caption, e.caption_long) for e in inputs.train]
         texts.fill(captions[share], encode, params.batch_size, show)
     accelerator.wait_for_everyone()
-    components.vae.to("cpu")  # only sampling needs it again
     return Caches(plans, latents, texts, encode, policy)
+
+
+def release_frozen(params: TrainParams, components: SDXLComponents, caches: Caches) -> Caches:
+    """Once the caches are filled, keep the VAE and text encoders only where a later step uses them.
+
+    Text encoders stay on the device when captions change from step to step (each step encodes
+    its own); the VAE, and text encoders needed only for training-time samples, wait on the CPU
+    (``sampling.frozen_on``); the rest are freed. The final save reloads what it writes.
+    """
+    sampling = bool(params.samples.every_n_steps and params.samples.prompts)
+    if sampling:
+        components.vae.to("cpu")
+    else:
+        components.vae = None
+    if caches.texts is None:
+        return caches
+    if sampling:
+        components.text_encoder.to("cpu")
+        components.text_encoder_2.to("cpu")
+        return caches
+    components.text_encoder = components.text_encoder_2 = None
+    return replace(caches, encode=None)
