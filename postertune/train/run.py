@@ -32,7 +32,7 @@ from postertune.models.prompts import PromptEncoder
 from postertune.models.single_file import save_single_file
 from postertune.models.text_encoders import TEXT_ENCODERS, save_text_encoders
 from postertune.train.buckets import make_buckets, nearest_bucket
-from postertune.train.checkpoint import Checkpoints
+from postertune.train.checkpoint import Checkpoints, stream_model_weights
 from postertune.train.data import BucketBatchSampler, TrainDataset, collate
 from postertune.train.ema import UNetEMA
 from postertune.train.groups import logged_rates, param_groups, unfreeze_text_encoders
@@ -120,6 +120,7 @@ def run(params: TrainParams) -> dict | None:
     unet, optimizer, *prepared = accelerator.prepare(unet, optimizer, *text_encoders.values())
     text = text_training(params, components, dict(zip(text_encoders, prepared, strict=True)))
     accelerator.register_for_checkpointing(lr_scheduler)
+    stream_model_weights(accelerator)
     if ema is not None:
         accelerator.register_for_checkpointing(ema.model)
 
