@@ -160,6 +160,21 @@ def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_run_ends(tmp_path, 
     assert kept == ["step-0000004", "step-0000006"]
 
 
+def test_data_loader_workers_train_the_weights_of_the_main_process(tmp_path, monkeypatch):
+    """Data-loader workers (started from a fresh server, so that they share no memory with the
+    model) draw exactly the batches the main process would."""
+    runs = {}
+    for workers in (0, 2):
+        folder = tmp_path / f"workers-{workers}"
+        folder.mkdir()
+        write_dataset(folder, [PORTRAIT, SQUARE, PORTRAIT])
+        monkeypatch.chdir(folder)
+        runs[workers] = run(folder, **{**RESUMABLE, "max_train_steps": 2, "dataloader_num_workers": workers})
+    a, b = unet_weights(tmp_path / "workers-0/models/unet"), unet_weights(tmp_path / "workers-2/models/unet")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert runs[0]["train_loss"] == runs[2]["train_loss"]
+
+
 def test_only_a_checkpoint_of_the_same_recipe_is_resumed(workdir):
     write_dataset(workdir, [PORTRAIT, SQUARE, PORTRAIT])
     first = run(workdir, max_train_steps=3)

@@ -265,6 +265,10 @@ def make_loader(
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=params.dataloader_num_workers,
+        # Forked workers would share this process's pages copy-on-write: each weight a step then
+        # updates in host memory gets copied, the workers keeping the old page (on a CPU, a second
+        # U-Net). Workers started from a fresh server hold the dataset alone.
+        multiprocessing_context="forkserver" if params.dataloader_num_workers else None,
         pin_memory=accelerator.device.type == "cuda",
     )
 
