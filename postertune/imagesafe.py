@@ -89,12 +89,14 @@ def load_image(
 
 
 def decode(
-    img: Image.Image, draft: tuple[int, int] | None, background: tuple[int, int, int]
+    img: Image.Image, draft: tuple[int, int] | None, background: tuple[int, int, int], grey: bool = False
 ) -> tuple[Image.Image, int]:
-    """``img`` loaded, as upright RGB, and the EXIF orientation that was applied."""
+    """``img`` loaded, as upright RGB, and the EXIF orientation that was applied. ``grey``: the
+    caller only needs luminance, so a colour JPEG decodes its luma plane alone and comes out
+    grey (no colour conversion or chroma upsampling; each value within rounding of RGB-to-L)."""
     try:
         if draft is not None and img.format == "JPEG":
-            img.draft("RGB", draft)
+            img.draft("L" if grey else "RGB", draft)
         img.load()
     except ImageRejected:
         raise

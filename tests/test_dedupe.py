@@ -103,10 +103,9 @@ def test_different_demo_posters_are_far_apart():
 
 
 def test_phash_hex_matches_imagehash_on_the_reduced_decode():
+    for case, data in demo_posters().items():  # fetch decodes a colour JPEG's luma alone: the same hash
+        assert hex64(phash64(data)) == decoded_again(data), case
     data = demo_posters()["square"]
-    img = Image.open(io.BytesIO(data))
-    img.draft("RGB", (64, 64))
-    assert hex64(phash64(data)) == str(imagehash.phash(img.convert("RGB")))
     full = imagehash.phash(Image.open(io.BytesIO(data)))
     assert bin(int(str(full), 16) ^ phash64(data)).count("1") <= 4  # the reduced decode barely moves the hash
 

@@ -383,6 +383,28 @@ def test_the_shard_writer_alone_decides_when_a_shard_closes(tmp_path):
     assert len(ShardStore(tmp_path / "b")) == 3
 
 
+def test_an_open_shard_goes_to_disk_in_stretches_and_reads_back_the_same(tmp_path, monkeypatch):
+    import postertune.store as store
+
+    synced: list[int] = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(store.os, "fdatasync", lambda fd: (synced.append(fd), real_fdatasync(fd))[1])
+    images = {sha256_hex(bytes([i]) * 1000): bytes([i]) * 1000 for i in range(40)}
+    layouts, pushed_while_open = [], []
+    for name, stretch in (("whole", 1 << 30), ("stretches", 3000)):
+        monkeypatch.setattr(store, "WRITEBACK_BYTES", stretch)
+        writer = ShardWriter(tmp_path / name, max_images=100)
+        for sha, data in images.items():
+            writer.add(sha, data)
+        pushed_while_open.append(len(synced))
+        writer.close()
+        layouts.append((tmp_path / name / "shard-00000.tar").read_bytes())
+        with ShardStore(tmp_path / name) as read_back:
+            assert {sha: read_back.read(sha) for sha in images} == images
+    assert pushed_while_open[0] == 0 and pushed_while_open[1] > 0  # while the shard was still being written
+    assert layouts[0] == layouts[1]
+
+
 def test_a_decoder_failure_is_that_images_reason(land, monkeypatch):
     def explode(data: bytes, max_pixels: int, background: tuple[int, int, int]):
         if data == poster(1):
