@@ -178,9 +178,14 @@ def cache_settings(name: str, params: CaptionParams) -> dict:
 
 
 def _loader(name: str, params: CaptionParams, gpu: int) -> tuple[Callable[[], ImageCaptioner], dict]:
-    """A deferred model load (only when there is work) and the settings that key the cache."""
+    """A deferred model load (only when there is work) and the settings that key the cache.
+    The model libraries are imported here too, so a metadata-only run never loads torch."""
     if name == "blip":
+        from postertune.caption.blip import BlipCaptioner
+
         return (lambda: BlipCaptioner(params.blip)), cache_settings(name, params)
+    from postertune.caption.wd14 import Wd14Tagger
+
     return (lambda: Wd14Tagger(params.wd14, gpu)), cache_settings(name, params)
 
 
