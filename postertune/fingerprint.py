@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where a module is hashed: value and file hashes need no torch
+    import torch
 
 SHORT = 16  # hex digits of a fingerprint used in a folder or file name
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx"}
@@ -57,6 +58,8 @@ def fingerprint_module(module: torch.nn.Module, *extra: Any) -> str:
     Two folders holding the same weights give the same fingerprint; a changed VAE or
     text encoder gives a new one, so nothing cached with the old one is reused.
     """
+    import torch
+
     digest = hashlib.sha256()
     config = getattr(module, "config", None)
     if config is not None:

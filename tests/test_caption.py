@@ -546,3 +546,39 @@ def test_dvc_repro_keeps_the_cache_and_reports_a_missing_model_in_one_line(tmp_p
     errors = [line for line in failed.stderr.splitlines() if line.startswith("caption: error:")]
     assert errors == ["caption: error: param caption.wd14.model: models/wd14/model.onnx not found"]
     assert sorted(cache.iterdir()) == cached  # persisted: a failed run keeps every cached caption
+
+
+def test_captions_and_token_counts_do_not_depend_on_how_many_rows_are_converted_at_once(monkeypatch):
+    """The caption table is built a chunk of rows at a time (a million rows never become a
+    million dicts): chunk boundaries must change neither a value nor a column's dtype."""
+    import postertune.caption.tokens as tokens
+    import postertune.tables as tables
+    from postertune.caption.combine import combine_captions
+    from postertune.caption.run import caption_metadata
+
+    rows = 7
+    table = pd.DataFrame(
+        {
+            "sha256": [f"{i:064x}" for i in range(rows)],
+            "title": ["Heat", None, "Alien", "nan", "Up", "Jaws", "Ran"],
+            "genres": ["['Crime', 'Drama']", "Horror", None, "[]", "Comedy, Family", "Thriller", "Drama"],
+            "overview": ["A heist.", None, "In space.", "x", None, "A shark.", "A king."],
+            "width": pd.array([600, None, 500, 400, 300, 200, 100], dtype="Int64"),
+            "dpi": [72.0, np.nan, 96.0, np.nan, 300.0, 72.0, 72.0],
+            "reason": [None] * rows,
+        }
+    )
+    params = build(CaptionParams, {}, "caption")
+
+    def build_captions() -> tuple[pd.DataFrame, list[int]]:
+        results = {"metadata": caption_metadata(table, params.metadata)}
+        captions = combine_captions(table, results, params.combine)
+        return captions, token_counts(captions["caption_long"].tolist())
+
+    whole, whole_counts = build_captions()
+    monkeypatch.setattr(tables, "ROWS_PER_CHUNK", 2)
+    monkeypatch.setattr(tokens, "TEXTS_PER_CALL", 2)
+    chunked, chunked_counts = build_captions()
+    pd.testing.assert_frame_equal(chunked, whole)
+    assert chunked_counts == whole_counts
+    assert len(whole) == rows and whole["caption_long"].notna().all()

@@ -15,6 +15,7 @@ from postertune.caption.cache import CaptionRecord
 from postertune.caption.metadata import as_list
 from postertune.caption.params import CombineParams
 from postertune.caption.tags import unique_tags
+from postertune.tables import iter_records
 
 CAPTION_COLUMNS = ["sha256", "caption", "caption_long", "tags", "caption_source", "caption_long_source"]
 
@@ -54,11 +55,11 @@ def combine_captions(
     table: pd.DataFrame, results: dict[str, dict[str, CaptionRecord]], params: CombineParams
 ) -> pd.DataFrame:
     """One row per captioned image: the caption columns, then every input column carried."""
-    rows = []
+    rows = []  # tuples, not dicts: a fraction of the memory at a million rows
     carried = [c for c in table.columns if c not in CAPTION_COLUMNS]
-    for row in table.to_dict("records"):
+    for row in iter_records(table):
         records = {name: found[row["sha256"]] for name, found in results.items() if row["sha256"] in found}
         combined = combine_row(row, records, params)
         if combined is not None:
-            rows.append(combined | {c: row[c] for c in carried})
+            rows.append((*(combined[c] for c in CAPTION_COLUMNS), *(row[c] for c in carried)))
     return pd.DataFrame(rows, columns=CAPTION_COLUMNS + carried)

@@ -14,19 +14,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from postertune.atomic import write_json, write_parquet
-from postertune.caption.blip import BlipCaptioner
 from postertune.caption.cache import CaptionCache, CaptionRecord
 from postertune.caption.combine import combine_captions
 from postertune.caption.export import export_dataset
 from postertune.caption.metadata import render_template
 from postertune.caption.params import CaptionParams, MetadataParams, template_fields
 from postertune.caption.report import caption_metrics
-from postertune.caption.wd14 import Wd14Tagger
 from postertune.errors import PipelineError
 from postertune.imagesafe import ImageRejected, load_image
 from postertune.launch import ONE_PROCESS, Processes, launched_processes
 from postertune.params import ParamError
 from postertune.store import ShardStore
+from postertune.tables import iter_records
 
 REQUIRED_COLUMNS = ("sha256", "width", "height")
 CURRENT_CACHES = "current.json"
@@ -85,7 +84,8 @@ def check_columns(table: pd.DataFrame, params: CaptionParams, path: Path) -> Non
 
 def caption_metadata(table: pd.DataFrame, params: MetadataParams) -> dict[str, CaptionRecord]:
     records = {}
-    for row in table.to_dict("records"):
+    columns = ["sha256", *template_fields(params.template), *template_fields(params.long_template)]
+    for row in iter_records(table, columns):
         sha = row["sha256"]
         short = render_template(params.template, row) or None
         long = render_template(params.long_template, row) or None
@@ -178,9 +178,14 @@ def cache_settings(name: str, params: CaptionParams) -> dict:
 
 
 def _loader(name: str, params: CaptionParams, gpu: int) -> tuple[Callable[[], ImageCaptioner], dict]:
-    """A deferred model load (only when there is work) and the settings that key the cache."""
+    """A deferred model load (only when there is work) and the settings that key the cache.
+    The model libraries are imported here too, so a metadata-only run never loads torch."""
     if name == "blip":
+        from postertune.caption.blip import BlipCaptioner
+
         return (lambda: BlipCaptioner(params.blip)), cache_settings(name, params)
+    from postertune.caption.wd14 import Wd14Tagger
+
     return (lambda: Wd14Tagger(params.wd14, gpu)), cache_settings(name, params)
 
 

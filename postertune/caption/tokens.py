@@ -6,11 +6,15 @@ from __future__ import annotations
 from postertune.models.tokenizer import clip_tokenizer
 
 CLIP_CONTEXT = 77
+TEXTS_PER_CALL = 10_000  # the tokenizer's id lists for a million captions at once take gigabytes
 
 
 def token_counts(texts: list[str]) -> list[int]:
     """Tokens per text with the real CLIP tokenizer, BOS and EOS included, untruncated."""
-    if not texts:
-        return []
-    ids = clip_tokenizer()(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-    return [len(row) for row in ids]
+    tokenizer = clip_tokenizer() if texts else None
+    counts: list[int] = []
+    for start in range(0, len(texts), TEXTS_PER_CALL):
+        part = list(texts[start : start + TEXTS_PER_CALL])
+        ids = tokenizer(part, add_special_tokens=True, truncation=False, verbose=False, return_attention_mask=False)
+        counts += [len(row) for row in ids["input_ids"]]
+    return counts

@@ -9,15 +9,16 @@ same way the SDXL tokenizers do without downloading anything.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-import open_clip
 from transformers import CLIPTokenizer
 
-_VOCAB_FILE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+# found, not imported: importing open_clip loads torch, most of a caption run's memory
+_VOCAB_FILE = Path(importlib.util.find_spec("open_clip").origin).parent / "bpe_simple_vocab_16e6.txt.gz"
 _MERGE_LINES = slice(1, 49152 - 256 - 2 + 1)  # 48894 merges
 
 
