@@ -14,6 +14,9 @@ times, on a fresh store each time, with the methods taking turns within each rou
   for its pHash in one process per core (``hash_again``), then the same grouping;
 - the two stage commands, ``python -m stages.fetch`` then ``python -m stages.dedupe``, as
   a run starts them (interpreter and imports included);
+- the floor: the stages' decode alone (``image_facts`` on every poster, read into memory
+  beforehand, in ``--decode-workers`` threads): what verifying and measuring the images
+  costs with no network, no store and no interpreter start;
 - with ``--img2dataset``: img2dataset's command on the same URLs, 2 processes x 64 threads,
   ``--disable_all_reencoding`` (its bytes are stored as downloaded, never decoded), tar
   shards (``webdataset``), no retries. It and the stage commands are timed the same way,
@@ -32,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import imagehash
@@ -156,6 +159,12 @@ def stage_commands(urls: list[str], args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def decode_alone(payloads: list[bytes], workers: int) -> None:
+    with ThreadPoolExecutor(workers) as decoders:
+        facts = list(decoders.map(image_facts, payloads))
+    assert len(facts) == len(payloads)
+
+
 def img2dataset(urls: list[str], command: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-img2dataset-"))
     try:
@@ -210,10 +219,14 @@ def main() -> None:
     urls = [f"http://127.0.0.1:{port}/{p.name}" for p in paths]
     baseline, stages = "two decodes: verify in fetch, decode again in dedupe (baseline)", "one decode (the stages)"
     commands = "one decode: `python -m stages.fetch && python -m stages.dedupe`"
+    payloads = [p.read_bytes() for p in paths]
     methods = {
         baseline: lambda: in_process(urls, args, one_decode=False),
         stages: lambda: in_process(urls, args, one_decode=True),
         commands: lambda: stage_commands(urls, args),
+        f"the floor: the stages' decode alone, from memory, {args.decode_workers} threads": lambda: decode_alone(
+            payloads, args.decode_workers
+        ),
     }
     version = ""
     if args.img2dataset:
@@ -252,6 +265,8 @@ def main() -> None:
         print(f"\nstage commands (fetch + dedupe) / img2dataset (fetch alone): wall time "
               f"{ratio(results[commands], results[i2d], 0):.2f}, CPU time {ratio(results[commands], results[i2d], 1):.2f} "
               "(medians of the per-round ratios)")  # fmt: skip
+        floor = next(name for name in results if name.startswith("the floor"))
+        print(f"the decode alone / img2dataset (fetch alone): wall time {ratio(results[floor], results[i2d], 0):.2f}")
         print("img2dataset command:", " ".join(img2dataset_command(args.img2dataset, Path("WORK"))))
 
 

@@ -37,7 +37,7 @@ REORDER_MAX_BYTES = 256 << 20
 Job = tuple[str, LocalTarget | None]  # a URL, and the local file behind it (None for the web)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     url: str
     image: StoredImage | None = None

@@ -28,7 +28,7 @@ from postertune.errors import PipelineError
 SEGMENT = re.compile(r"^journal-(\d{5,})\.parquet$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredImage:
     url: str
     sha256: str
@@ -42,7 +42,7 @@ class StoredImage:
     stamp: str = ""  # size:mtime of the local file read ("" for the web): a change reads it again
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Remeasure:
     """A journalled image whose facts were measured under another recipe."""
 

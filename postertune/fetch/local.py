@@ -25,7 +25,7 @@ from postertune.fetch.urls import LocalTarget, inside
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Payload:
     """The bytes behind one URL, or why there are none."""
 
@@ -55,7 +55,7 @@ def local_stamp(target: LocalTarget) -> str:
 
 def _open_confined(target: LocalTarget) -> tuple[int, os.stat_result]:
     """Open ``target.path`` for reading if it resolves inside its root and is a regular file."""
-    path = str(target.path)
+    path = target.path
     if "\0" in path:
         raise _Refused("invalid_url")
     real = os.path.realpath(path)

@@ -33,6 +33,7 @@ from postertune.fetch.urls import (
     inside,
     is_file_prefix,
     local_cell,
+    local_prefix,
     web_url,
     without_credentials,
 )
@@ -40,7 +41,7 @@ from postertune.fetch.urls import (
 csv.field_size_limit(max(csv.field_size_limit(), 1 << 27))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     source: str
     row: int
@@ -73,13 +74,13 @@ def read_source(source: SourceParams, allowed_schemes: list[str] | tuple[str, ..
         root = Path(os.path.realpath(source.path))
         files = _folder_files(source.path, source.extensions)
         return SourceRows(
-            [_local_entry(source.name, i, file_url(p), LocalTarget(p, root)) for i, p in enumerate(files)], 0
+            [_local_entry(source.name, i, file_url(p), LocalTarget(str(p), root)) for i, p in enumerate(files)], 0
         )
     _require_regular_file(source.path, where)
     root = Path(os.path.realpath(source.path))
     members = _archive_members(source.path, source.extensions, where)
     entries = [
-        Entry(source.name, i, file_url(source.path, m), local=LocalTarget(source.path, root, m))
+        Entry(source.name, i, file_url(source.path, m), local=LocalTarget(str(source.path), root, m))
         for i, m in enumerate(members)
     ]
     return SourceRows(entries, 0)
@@ -113,7 +114,7 @@ def _read_table(source: SourceParams, allowed_schemes: list[str] | tuple[str, ..
             )
     url_at = columns.index(source.url_column)
     meta_at = {name: columns.index(col) for name, col in source.metadata_columns.items()}
-    local = is_file_prefix(source.url_prefix)
+    local = local_prefix(source.url_prefix) if is_file_prefix(source.url_prefix) else None
     entries: list[Entry] = []
     skipped = 0
     for row, (values, problem) in enumerate(records):
@@ -136,7 +137,7 @@ def _read_table(source: SourceParams, allowed_schemes: list[str] | tuple[str, ..
             continue
         try:
             if local:
-                url, target = local_cell(source.url_prefix, value)
+                url, target = local_cell(*local, value)
                 entries.append(_local_entry(source.name, row, url, target, meta))
             else:
                 entries.append(Entry(source.name, row, web_url(value, source.url_prefix, allowed_schemes), meta))

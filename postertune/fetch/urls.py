@@ -37,12 +37,12 @@ class UrlRejected(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LocalTarget:
     """A local file a declared source may read: ``path``, which must resolve inside ``root``."""
 
-    path: Path
-    root: Path  # realpath of the source's folder, or of the archive file itself
+    path: str  # a string, not a Path: a million rows hold a million of them
+    root: Path  # realpath of the source's folder, or of the archive file itself (one object per source)
     member: str | None = None  # set for a member of a zip/tar archive
 
 
@@ -72,19 +72,26 @@ def inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def local_cell(prefix: str, cell: str) -> tuple[str, LocalTarget]:
-    """The URL and file of a table cell under a ``file:`` prefix; the cell is a path in that folder.
+def local_prefix(prefix: str) -> tuple[str, Path]:
+    """The folder a ``file:`` prefix names, as written (normalised) and as it really is: resolved
+    once per source, and shared by every row's ``LocalTarget``."""
+    base = posixpath.normpath(prefix_folder(prefix).as_posix())
+    return base, Path(os.path.realpath(base))
+
+
+def local_cell(base: str, root: Path, cell: str) -> tuple[str, LocalTarget]:
+    """The URL and file of a table cell under the ``file:`` prefix folder ``base`` (really
+    ``root``: ``local_prefix``); the cell is a path in that folder.
 
     A cell that climbs out (``/../../home/user/photo.jpg``) is ``outside_prefix``; a symlink
     that leads out is caught when the file is read (``outside_source``).
     """
     if "\0" in cell or "\0" in unquote(cell):
         raise UrlRejected("invalid_url")
-    base = posixpath.normpath(prefix_folder(prefix).as_posix())
     joined = posixpath.normpath(posixpath.join(base, unquote(cell).lstrip("/")))
     if not inside(joined, base) or joined == base:
         raise UrlRejected("outside_prefix")
-    return file_url(joined), LocalTarget(Path(joined), Path(os.path.realpath(base)))
+    return file_url(joined), LocalTarget(joined, root)
 
 
 def web_url(cell: str, prefix: str, allowed_schemes: list[str] | tuple[str, ...] = WEB_SCHEMES) -> str:
