@@ -21,7 +21,13 @@ from PIL import Image
 from postertune.dedupe.grouping import assign_duplicates, keep_priority
 from postertune.dedupe.params import DedupeParams
 from postertune.dedupe.run import mark_duplicates, run
-from postertune.dedupe.search import brute_force_pairs, multi_index_pairs, near_pairs
+from postertune.dedupe.search import (
+    brute_force_pairs,
+    choose_chunks,
+    multi_index_pairs,
+    near_pairs,
+    search_cost,
+)
 from postertune.errors import PipelineError
 from postertune.imagefacts import image_facts
 from postertune.imagesafe import load_image
@@ -149,6 +155,22 @@ def test_multi_index_search_on_clustered_and_repeated_hashes():
     for max_distance in (0, 3, 8):
         expected = as_set(brute_force_pairs(hashes, max_distance))
         assert as_set(multi_index_pairs(hashes, max_distance, 4)) == expected
+
+
+def test_indexed_search_at_scale_reports_each_brute_force_pair_once():
+    # Enough hashes that near_pairs takes the index, with chunk buckets of several entries
+    # and a pair's chunk keys differing in every bit position the probes flip.
+    rng = np.random.default_rng(11)
+    hashes = planted_hashes(rng, 6000, 12)
+    max_distance = 10
+    assert search_cost(len(hashes), choose_chunks(len(hashes), max_distance), max_distance) < len(hashes)
+    expected = brute_force_pairs(hashes, max_distance)
+    assert len(expected) > 1000
+    assert as_set(near_pairs(hashes, max_distance)) == as_set(expected)
+    for chunks in (3, 4, choose_chunks(len(hashes), max_distance)):
+        found = multi_index_pairs(hashes, max_distance, chunks)
+        assert len(found) == len(as_set(found)) == len(expected)
+        assert as_set(found) == as_set(expected)
 
 
 def test_search_handles_empty_and_single_inputs():

@@ -21,6 +21,8 @@ HASH_BITS = 64
 # table at 2**22 entries (32 MiB) at most.
 MIN_CHUNKS, MAX_CHUNKS = 3, 16
 CANDIDATES_PER_BATCH = 4_000_000
+# Bucket entries compared one round each before the rest go in batches.
+ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -90,45 +92,87 @@ def multi_index_pairs(hashes: np.ndarray, max_distance: int, chunks: int) -> Pai
     for bits, radius in chunk_plan(chunks, max_distance):
         keys = ((hashes >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int32)
         shift += bits
-        # Queries run in sorted key order, so the table look-ups walk memory nearly in
-        # sequence; bucket sizes use the narrowest integer type, so the table stays in cache.
-        order = np.argsort(keys, kind="stable")
-        sorted_keys, sorted_hashes = keys[order], hashes[order]
-        sizes = np.bincount(keys, minlength=2**bits)
-        starts = np.cumsum(sizes) - sizes
-        sizes = sizes.astype(np.min_scalar_type(sizes.max()))
-        for mask in flip_masks(bits, radius):
-            probe = sorted_keys ^ np.int32(mask)
-            hits = np.flatnonzero(sizes[probe])
-            for query, target in _verified(sorted_hashes, hits, probe[hits], starts, sizes, max_distance):
-                first, second = order[query], order[target]
-                found.append(np.minimum(first, second) * count + np.maximum(first, second))
+        for first, second in _chunk_pairs(keys, hashes, bits, radius, max_distance):
+            found.append(np.minimum(first, second) * count + np.maximum(first, second))
+    # A pair close in several chunks is found once per chunk.
     keys = np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
     return _pairs_from_keys(keys, hashes)
 
 
-def _verified(sorted_hashes, queries, buckets, starts, sizes, max_distance: int):
-    """Compare each query with the table bucket it probed, in batches of bounded size;
-    yield (query, target) positions within ``max_distance``, query < target (the same
-    pair is also found from its other end)."""
-    if len(queries) == 0:
+def _chunk_pairs(keys: np.ndarray, hashes: np.ndarray, bits: int, radius: int, max_distance: int):
+    """Yield (first, second) positions of every pair within ``max_distance`` whose chunk
+    ``keys`` differ in at most ``radius`` bits, each pair once."""
+    # Queries run in sorted key order, so the table look-ups walk memory nearly in
+    # sequence; bucket sizes use the narrowest integer type, so the table stays in cache.
+    order = np.argsort(keys, kind="stable")
+    sorted_keys, sorted_hashes = keys[order], hashes[order]
+    sizes = np.bincount(keys, minlength=2**bits)
+    starts = (np.cumsum(sizes) - sizes).astype(np.min_scalar_type(len(keys)))
+    sizes = sizes.astype(np.min_scalar_type(sizes.max()))
+    for query, target in _same_bucket(sorted_keys, sorted_hashes, max_distance):
+        yield order[query], order[target]
+    # Keys ``k`` and ``k ^ mask`` differ in the mask's highest bit, so exactly one of them
+    # has it clear: probing only from that one finds each pair once and halves the work.
+    for top in range(bits if radius > 0 else 0):
+        clear = np.flatnonzero((sorted_keys & np.int32(1 << top)) == 0)
+        query_keys, query_hashes = sorted_keys[clear], sorted_hashes[clear]
+        for mask in flip_masks(top, radius - 1) | (1 << top):
+            probe = query_keys ^ np.int32(mask)
+            hit_sizes = np.take(sizes, probe)
+            hits = np.flatnonzero(hit_sizes != 0)  # several times faster on booleans
+            heads = np.take(starts, np.take(probe, hits))
+            hit_sizes = np.take(hit_sizes, hits)
+            for query, target in _verified(query_hashes, sorted_hashes, hits, heads, hit_sizes, max_distance):
+                yield order[clear[query]], order[target]
+
+
+def _same_bucket(sorted_keys: np.ndarray, sorted_hashes: np.ndarray, max_distance: int):
+    """Yield (query, target) sorted positions, query < target, of the pairs within
+    ``max_distance`` that share a bucket: round ``j`` compares each entry with the one
+    ``j`` places later, among the entries whose bucket reaches that far."""
+    count = len(sorted_keys)
+    queries = np.arange(count)
+    step = 1
+    while len(queries):
+        queries = queries[: np.searchsorted(queries, count - step)]
+        queries = queries[sorted_keys[queries + step] == sorted_keys[queries]]
+        targets = queries + step
+        close = np.flatnonzero(np.bitwise_count(sorted_hashes[queries] ^ sorted_hashes[targets]) <= max_distance)
+        yield queries[close], targets[close]
+        step += 1
+
+
+def _verified(query_hashes, sorted_hashes, queries, heads, sizes, max_distance: int):
+    """Compare each of ``query_hashes[queries]`` with every entry of the bucket it probed,
+    ``sorted_hashes[heads[k] : heads[k] + sizes[k]]``; yield (query, target) positions
+    within ``max_distance``. Most buckets hold one or two entries, so the ``j``-th entries
+    of all buckets are compared together for the first few ``j``, and the rest of the
+    larger buckets in batches of bounded size."""
+    query_hashes = np.take(query_hashes, queries)
+    for j in range(ROUNDS):
+        if j:
+            more = np.flatnonzero(sizes > j)
+            queries, heads, sizes, query_hashes = queries[more], heads[more], sizes[more], query_hashes[more]
+        if len(queries) == 0:
+            return
+        targets = heads + j
+        close = np.flatnonzero(np.bitwise_count(query_hashes ^ np.take(sorted_hashes, targets)) <= max_distance)
+        yield queries[close], targets[close]
+    larger = np.flatnonzero(sizes > ROUNDS)
+    if len(larger) == 0:
         return
-    bucket_sizes = sizes[buckets].astype(np.int64)
-    ends = np.cumsum(bucket_sizes)
+    rest = sizes[larger].astype(np.int64) - ROUNDS
+    ends = np.cumsum(rest)
     cuts = np.searchsorted(ends, np.arange(CANDIDATES_PER_BATCH, ends[-1], CANDIDATES_PER_BATCH), side="right")
-    for part in np.split(np.arange(len(queries)), np.unique(cuts)):
+    for part in np.split(larger, np.unique(cuts)):
         if len(part) == 0:
             continue
-        part_sizes = bucket_sizes[part]
-        part_ends = np.cumsum(part_sizes)
-        offsets = starts[buckets[part]] - (part_ends - part_sizes)
-        targets = np.repeat(offsets, part_sizes) + np.arange(part_ends[-1])
-        differing = np.bitwise_xor(np.repeat(sorted_hashes[queries[part]], part_sizes), sorted_hashes[targets])
-        close = np.flatnonzero(np.bitwise_count(differing) <= max_distance)
-        query = queries[part][np.searchsorted(part_ends, close, side="right")]
-        target = targets[close]
-        keep = query < target
-        yield query[keep], target[keep]
+        part_rest = sizes[part].astype(np.int64) - ROUNDS
+        owner = np.repeat(part, part_rest)
+        part_ends = np.cumsum(part_rest)
+        targets = heads[owner] + ROUNDS + np.arange(part_ends[-1]) - np.repeat(part_ends - part_rest, part_rest)
+        close = np.flatnonzero(np.bitwise_count(query_hashes[owner] ^ sorted_hashes[targets]) <= max_distance)
+        yield queries[owner[close]], targets[close]
 
 
 def _pairs_from_keys(keys: np.ndarray, hashes: np.ndarray) -> Pairs:
