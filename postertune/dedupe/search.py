@@ -11,6 +11,8 @@ work grows with the number of candidates instead of with the number of all pairs
 from __future__ import annotations
 
 import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import comb
 
@@ -111,11 +113,13 @@ def _chunk_pairs(keys: np.ndarray, hashes: np.ndarray, bits: int, radius: int, m
     sizes = sizes.astype(np.min_scalar_type(sizes.max()))
     for query, target in _same_bucket(sorted_keys, sorted_hashes, max_distance):
         yield order[query], order[target]
+
     # Keys ``k`` and ``k ^ mask`` differ in the mask's highest bit, so exactly one of them
     # has it clear: probing only from that one finds each pair once and halves the work.
-    for top in range(bits if radius > 0 else 0):
+    def probe_from(top: int) -> list[tuple[np.ndarray, np.ndarray]]:
         clear = np.flatnonzero((sorted_keys & np.int32(1 << top)) == 0)
         query_keys, query_hashes = sorted_keys[clear], sorted_hashes[clear]
+        found = []
         for mask in flip_masks(top, radius - 1) | (1 << top):
             probe = query_keys ^ np.int32(mask)
             hit_sizes = np.take(sizes, probe)
@@ -123,7 +127,13 @@ def _chunk_pairs(keys: np.ndarray, hashes: np.ndarray, bits: int, radius: int, m
             heads = np.take(starts, np.take(probe, hits))
             hit_sizes = np.take(hit_sizes, hits)
             for query, target in _verified(query_hashes, sorted_hashes, hits, heads, hit_sizes, max_distance):
-                yield order[clear[query]], order[target]
+                found.append((order[clear[query]], order[target]))
+        return found
+
+    # numpy releases the interpreter lock in these array operations: one thread per core
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as probes:
+        for found in probes.map(probe_from, range(bits if radius > 0 else 0)):
+            yield from found
 
 
 def _same_bucket(sorted_keys: np.ndarray, sorted_hashes: np.ndarray, max_distance: int):
