@@ -17,8 +17,9 @@ A JPEG is decoded with DCT scaling (draft mode) straight to at least twice the 3
 hash input, which skips most of the decode work; the hash moves by a few bits at most
 against a full decode (0-4 on 300 synthetic posters), and every image is hashed the same
 way. pHash reads luminance only, so a colour JPEG decodes its luma plane alone: the same
-hash as from its RGB decode (2,000 of 2,000 benchmark posters), for 7% less decode work. The image is hashed upright, so a copy stored sideways with an Orientation tag is
-the same poster as its upright twin.
+hash as from its RGB decode (2,000 of 2,000 benchmark posters), for 7% less decode work.
+The image is hashed upright, so a copy stored sideways with an Orientation tag is the
+same poster as its upright twin.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,28 +41,26 @@ class Location:
     length: int
 
 
-def shard_members(path: Path) -> Iterator[tuple[str, int, int]]:
+def shard_members(path: Path) -> list[tuple[str, int, int]]:
     """(name, data offset, size) of every file in a shard, read from its 512-byte headers
     alone, the data between them skipped: an index of a million images reads a million
     headers, at a twentieth of the cost of ``tarfile``'s full member parse. A header this
     scan does not read (a long name, another tar dialect) hands the shard to ``tarfile``."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        offset, found = 0, []
-        while True:
-            header = os.pread(fd, BLOCK, offset)
-            if len(header) < BLOCK or not header.strip(b"\0"):
-                if len(header) == BLOCK:
-                    return iter(found)  # the end-of-archive block
+    members = []
+    with open(path, "rb", buffering=0) as shard:
+        offset = 0
+        while (header := os.pread(shard.fileno(), BLOCK, offset)).strip(b"\0"):
+            if len(header) < BLOCK:
                 raise PipelineError(f"{path}: damaged shard (ends inside a header at byte {offset})")
             member = _plain_member(header, path, offset)
             if member is None:
                 return _members_by_tarfile(path)
             name, size = member
-            found.append((name, offset + BLOCK, size))
+            members.append((name, offset + BLOCK, size))
             offset += BLOCK + -(-size // BLOCK) * BLOCK
-    finally:
-        os.close(fd)
+    if len(header) < BLOCK:
+        raise PipelineError(f"{path}: damaged shard (ends inside a header at byte {offset})")
+    return members  # up to the end-of-archive block
 
 
 def _plain_member(header: bytes, path: Path, offset: int) -> tuple[str, int] | None:
@@ -86,10 +84,10 @@ def _signed_sum(header: bytes) -> int:
     return sum(b - 256 if b > 127 else b for b in header[:148] + b" " * 8 + header[156:])
 
 
-def _members_by_tarfile(path: Path) -> Iterator[tuple[str, int, int]]:
+def _members_by_tarfile(path: Path) -> list[tuple[str, int, int]]:
     try:
         with tarfile.open(path, "r:") as tar:
-            return iter([(m.name, m.offset_data, m.size) for m in tar if m.isfile()])
+            return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
     except tarfile.TarError as exc:
         raise PipelineError(f"{path}: damaged shard ({exc})") from None
 
